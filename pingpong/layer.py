@@ -1,0 +1,73 @@
+"""Channel-layer calls with a deadline, and the readiness round trip.
+
+Every call that can reach Redis goes through `layer_call`, so an unreachable or hung
+Redis becomes one exception, `ChannelLayerUnavailable`, within a bounded time.
+"""
+
+import asyncio
+import logging
+import uuid
+import weakref
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from channels.layers import BaseChannelLayer, get_channel_layer
+from django.conf import settings
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LAYER_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, asyncio.TimeoutError)
+
+
+class ChannelLayerUnavailable(Exception):
+    """The channel layer could not be reached in time."""
+
+
+def layer_get() -> BaseChannelLayer:
+    """The default channel layer; settings always configure one."""
+    layer = get_channel_layer()
+    if layer is None:
+        raise ChannelLayerUnavailable("no channel layer is configured")
+    return layer
+
+
+async def layer_call(awaitable: Awaitable[T], *, timeout: float | None = None) -> T:
+    """Await a channel-layer call, turning errors and timeouts into ChannelLayerUnavailable."""
+    limit = settings.PINGPONG_LAYER_TIMEOUT if timeout is None else timeout
+    try:
+        return await asyncio.wait_for(awaitable, limit)
+    except LAYER_ERRORS as error:
+        raise ChannelLayerUnavailable(str(error) or type(error).__name__) from error
+
+
+# One probe channel per event loop, reused, so readiness checks leave no subscriptions behind.
+_probes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, asyncio.Lock]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def layer_roundtrip(*, timeout: float = 1.0) -> None:
+    """Send a message to ourselves through the layer and receive it within `timeout` seconds."""
+    layer = layer_get()
+    loop = asyncio.get_running_loop()
+
+    async def roundtrip() -> None:
+        if loop not in _probes:
+            _probes[loop] = (await layer.new_channel("readyz."), asyncio.Lock())
+        channel, lock = _probes[loop]
+        nonce = uuid.uuid4().hex
+        async with lock:
+            await layer.send(channel, {"type": "readyz.probe", "nonce": nonce})
+            message: dict[str, Any] = {}
+            while message.get("nonce") != nonce:  # skip answers to earlier, timed-out probes
+                message = await layer.receive(channel)
+
+    try:
+        await layer_call(roundtrip(), timeout=timeout)
+    except ChannelLayerUnavailable:
+        # A cancelled receive may have dropped the channel's subscription: start afresh next time.
+        _probes.pop(loop, None)
+        raise

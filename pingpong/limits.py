@@ -1,0 +1,36 @@
+"""Per-connection limits: a token bucket for message rate."""
+
+import time
+
+
+class TokenBucket:
+    """Allows `burst` messages at once, refilled at `rate` per second; rate 0 disables it."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, *, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self.tokens = float(self.burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        """Spend one token; False when the bucket is empty."""
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+def text_too_big(text: str, limit: int) -> bool:
+    """True when `text` encodes to more than `limit` UTF-8 bytes, without encoding short texts."""
+    if len(text) * 4 <= limit:
+        return False
+    if len(text) > limit:
+        return True
+    return len(text.encode("utf-8", "surrogatepass")) > limit

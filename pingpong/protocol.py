@@ -1,0 +1,42 @@
+"""The websocket protocol in one place: messages, error codes, close codes, group names.
+
+Close codes follow the 4000 + RFC 6455 convention (4003 for 1003, ...): daphne's
+websocket core accepts only 1000 and 3000-4999 from an application, so the RFC codes
+themselves would reach clients as 1011. The README's protocol table lists the same.
+"""
+
+import json
+from typing import Any, Final
+
+PING: Final = "ping"
+PONG: Final = "pong!"
+
+# Close codes the application sends (4000 + the RFC 6455 code they stand for).
+CLOSE_NORMAL: Final = 1000
+CLOSE_UNSUPPORTED_DATA: Final = 4003  # 1003: a binary frame on /ws/
+CLOSE_POLICY_VIOLATION: Final = 4008  # 1008: over the per-connection rate limit
+CLOSE_MESSAGE_TOO_BIG: Final = 4009  # 1009: over PINGPONG_MAX_MESSAGE_BYTES
+CLOSE_SERVICE_RESTART: Final = 4012  # 1012: the node is draining (SIGTERM)
+CLOSE_TRY_AGAIN_LATER: Final = 4013  # 1013: node full, or channel layer unreachable
+
+# Codes after which a client should not reconnect by itself.
+TERMINAL_CLOSE_CODES: Final = frozenset({CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY_VIOLATION, CLOSE_MESSAGE_TOO_BIG})
+
+# Error codes carried by {"type": "error", "error": <code>, "detail": <sentence>}.
+ERROR_UNKNOWN_MESSAGE: Final = "unknown_message"
+ERROR_BAD_JSON_PING: Final = "bad_request"
+
+# Every /ws/ client joins this group; a broadcast goes to it.
+BROADCAST_GROUP: Final = "broadcast"
+# Channel-layer message type for a broadcast; handled by `broadcast_message`.
+BROADCAST_MESSAGE: Final = "broadcast.message"
+
+
+def encode_event(event: dict[str, Any]) -> str:
+    """Serialise a server event as compact JSON text."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+def error_event(code: str, detail: str) -> str:
+    """The JSON text of an error event; the connection stays open after it."""
+    return encode_event({"type": "error", "error": code, "detail": detail})

@@ -1,0 +1,80 @@
+"""Daphne, configured from settings, with a graceful drain and exact empty frames.
+
+Stock daphne on SIGTERM cancels every application at once, so clients see 1006 and
+no close frame. `PingpongServer` first drains: /readyz turns 503, every websocket is
+closed with 4012 and gets up to PINGPONG_DRAIN_SECONDS to finish its disconnect
+(group memberships are cleaned), then daphne's own shutdown runs.
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+# daphne.server installs Twisted's asyncio reactor on import: import it before anything else
+# touches twisted.internet.reactor.
+from daphne.server import Server  # isort: skip
+from daphne import ws_protocol
+from daphne.endpoints import build_endpoint_description_strings
+from django.conf import settings
+from twisted.internet import defer
+
+from pingpong import protocol
+from pingpong.node import node
+
+logger = logging.getLogger(__name__)
+
+# Autobahn closes a frame over its own limit with 1009 before the application sees it;
+# this headroom lets the application's PINGPONG_MAX_MESSAGE_BYTES answer (4009) first.
+TRANSPORT_HEADROOM_BYTES = 4096
+
+
+class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
+    """Daphne's protocol, but sends empty text and binary frames instead of dropping them."""
+
+    def handle_reply(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "websocket.send" and self.state != self.STATE_CONNECTING:
+            text, data = message.get("text"), message.get("bytes")
+            if text is not None and data is not None:
+                raise ValueError("a websocket.send message carries both text and bytes")
+            if data is not None:
+                self.serverSend(data, True)
+            elif text is not None:
+                self.serverSend(text, False)
+            return
+        super().handle_reply(message)
+
+
+class PingpongServer(Server):
+    """A daphne Server that drains websockets before it stops."""
+
+    def run(self) -> None:
+        ws_protocol.WebSocketFactory.protocol = ExactWebSocketProtocol
+        super().run()
+
+    def kill_all_applications(self) -> defer.Deferred:
+        drained = defer.Deferred.fromFuture(
+            asyncio.ensure_future(
+                node.drain(code=protocol.CLOSE_SERVICE_RESTART, timeout=settings.PINGPONG_DRAIN_SECONDS)
+            )
+        )
+        drained.addBoth(lambda _: Server.kill_all_applications(self))
+        return drained
+
+
+def server_build(*, application: Any, host: str, port: int, verbosity: int = 1) -> PingpongServer:
+    """A PingpongServer whose websocket limits and timeouts come from settings."""
+    frame_limit = settings.PINGPONG_MAX_MESSAGE_BYTES + TRANSPORT_HEADROOM_BYTES
+    proxy_header = settings.PINGPONG_PROXY_HEADER or None
+    return PingpongServer(
+        application=application,
+        endpoints=build_endpoint_description_strings(host=host, port=port),
+        ping_interval=settings.PINGPONG_PING_INTERVAL,
+        ping_timeout=settings.PINGPONG_PING_TIMEOUT,
+        websocket_timeout=-1,  # connection lifetime is not capped; dead peers are found by pings
+        websocket_max_message_size=frame_limit,
+        websocket_max_frame_size=frame_limit,
+        proxy_forwarded_address_header=proxy_header,
+        proxy_forwarded_port_header=None,
+        proxy_forwarded_proto_header="X-Forwarded-Proto" if proxy_header else None,
+        verbosity=verbosity,
+    )

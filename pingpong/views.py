@@ -1,0 +1,84 @@
+"""HTTP views: the page, health and readiness probes, the broadcast API."""
+
+import hmac
+import json
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
+
+from pingpong import protocol
+from pingpong.broadcast import BroadcastInvalid, broadcast_send, broadcast_text_from
+from pingpong.layer import ChannelLayerUnavailable, layer_roundtrip
+from pingpong.node import node
+
+
+def error_response(status: int, error: str, detail: str, **headers: str) -> JsonResponse:
+    """A JSON error body shaped like the websocket error event."""
+    response = JsonResponse({"error": error, "detail": detail}, status=status)
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+def index(request: HttpRequest) -> HttpResponse:
+    """The live page: ping/pong round-trip time, connection state, broadcasts."""
+    context: dict[str, Any] = {
+        "ping": protocol.PING,
+        "pong": protocol.PONG,
+        "terminal_codes": sorted(protocol.TERMINAL_CLOSE_CODES),
+    }
+    return render(request, "pingpong/index.html", context)
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness: the process answers HTTP. Never touches Redis."""
+    return JsonResponse({"status": "ok"})
+
+
+async def readyz(request: HttpRequest) -> JsonResponse:
+    """Readiness: a round trip through the channel layer within 1 s, and not draining."""
+    if node.draining:
+        return JsonResponse({"status": "unavailable", "reason": "draining"}, status=503)
+    try:
+        await layer_roundtrip(timeout=1.0)
+    except ChannelLayerUnavailable as error:
+        return JsonResponse({"status": "unavailable", "reason": f"channel layer: {error}"}, status=503)
+    return JsonResponse({"status": "ready"})
+
+
+def bearer_token_matches(request: HttpRequest, expected: str) -> bool:
+    """Constant-time check of `Authorization: Bearer <token>`."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+@csrf_exempt
+async def broadcast(request: HttpRequest) -> JsonResponse:
+    """POST /api/broadcast {"text": "..."} with a bearer token: send it to every client."""
+    if request.method != "POST":
+        return error_response(405, "method_not_allowed", "Use POST.", Allow="POST")
+    token = settings.PINGPONG_BROADCAST_TOKEN
+    if not token:
+        return error_response(403, "disabled", "Broadcasting is disabled: PINGPONG_BROADCAST_TOKEN is not set.")
+    if not bearer_token_matches(request, token):
+        return error_response(401, "unauthorized", "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer")
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        return error_response(413, "too_large", "The request body is too large.")
+    try:
+        text = broadcast_text_from(json.loads(body))
+    except (ValueError, RecursionError) as error:  # JSON errors and BroadcastInvalid
+        detail = str(error) if isinstance(error, BroadcastInvalid) else "The body is not valid JSON."
+        return error_response(400, "bad_request", detail)
+    try:
+        event = await broadcast_send(text=text)
+    except ChannelLayerUnavailable as error:
+        return error_response(503, "unavailable", f"The channel layer is unreachable: {error}")
+    return JsonResponse({"status": "accepted", "id": event["id"]}, status=202)

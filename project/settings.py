@@ -1,0 +1,146 @@
+"""Settings for pingpong, read from the environment (see the README's settings table).
+
+With no environment at all this is a working local run: debug on, localhost only,
+the in-memory channel layer. Every deploy difference is one variable.
+"""
+
+import sys
+from pathlib import Path
+
+from project.env import env_bool, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DJANGO_DEBUG", True)
+
+_DEV_SECRET = "django-insecure-local-development-only-do-not-deploy"
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", _DEV_SECRET if DEBUG else "")
+if not DEBUG and (
+    len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5 or SECRET_KEY.startswith("django-insecure")
+):
+    # One sentence instead of a traceback: this is the first thing an operator sees.
+    sys.exit(
+        "pingpong: refusing to start with DJANGO_DEBUG off: set DJANGO_SECRET_KEY to a random "
+        "string of at least 50 characters (python -c 'import secrets; print(secrets.token_urlsafe(50))')."
+    )
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "django.contrib.staticfiles",
+    "channels",
+    "pingpong",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+ASGI_APPLICATION = "project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {"context_processors": ["django.template.context_processors.request"]},
+    }
+]
+
+# The service keeps no relational data: no database, no thread hop to close connections.
+DATABASES: dict[str, dict[str, str]] = {}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves app static files straight from the finders, so no collectstatic
+# step is needed for `make run`; the Docker image still collects them once.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+# Security headers that apply with or without TLS in front.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
+# DJANGO_HTTPS=1 when clients reach the service over https (TLS ends at the load balancer).
+HTTPS = env_bool("DJANGO_HTTPS", False)
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    CSRF_COOKIE_SECURE = True
+    SESSION_COOKIE_SECURE = True
+    # /healthz and /readyz are probed over plain http inside the deployment.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+
+# Channel layer: embedded by default, Redis pub/sub when REDIS_URL is set.
+# Why the pub/sub layer and these connection options: see "Channel layer" in the README.
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_connect_timeout": 2,
+                        "socket_timeout": 5,
+                        "health_check_interval": 10,
+                    }
+                ],
+                "prefix": env_str("PINGPONG_REDIS_PREFIX", "pingpong"),
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# pingpong's own settings; names, defaults and meaning are listed in the README.
+PINGPONG_BROADCAST_TOKEN = env_str("PINGPONG_BROADCAST_TOKEN")
+PINGPONG_MAX_MESSAGE_BYTES = env_int("PINGPONG_MAX_MESSAGE_BYTES", 64 * 1024, minimum=16)
+PINGPONG_MAX_BROADCAST_BYTES = env_int("PINGPONG_MAX_BROADCAST_BYTES", 16 * 1024, minimum=1)
+PINGPONG_RATE_PER_SECOND = env_float("PINGPONG_RATE_PER_SECOND", 20.0)
+PINGPONG_RATE_BURST = env_int("PINGPONG_RATE_BURST", 40)
+PINGPONG_MAX_CONNECTIONS = env_int("PINGPONG_MAX_CONNECTIONS", 20000)
+PINGPONG_DRAIN_SECONDS = env_float("PINGPONG_DRAIN_SECONDS", 10.0)
+PINGPONG_PING_INTERVAL = env_float("PINGPONG_PING_INTERVAL", 20.0, minimum=1.0)
+PINGPONG_PING_TIMEOUT = env_float("PINGPONG_PING_TIMEOUT", 20.0, minimum=1.0)
+PINGPONG_PROXY_HEADER = env_str("PINGPONG_PROXY_HEADER")
+PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", 2.0, minimum=0.1)
+
+LOG_FORMAT = env_str("PINGPONG_LOG_FORMAT", "text")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "pingpong.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "text",
+        }
+    },
+    "root": {"handlers": ["console"], "level": env_str("PINGPONG_LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+    },
+}
+
+# The broadcast API's largest request body; larger ones get 413.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024

@@ -1,0 +1,12 @@
+"""HTTP routes."""
+
+from django.urls import path
+
+from pingpong import views
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("api/broadcast", views.broadcast, name="broadcast"),
+]
