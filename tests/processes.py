@@ -1,0 +1,178 @@
+"""Real processes for tests: a redis-server and daphne nodes, each on a free loopback port.
+
+Every process is owned by the test that starts it and is killed when the test ends.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+ORIGIN = "http://127.0.0.1"
+TEST_SECRET = "test-secret-key-for-pingpong-tests-only-0123456789-abcdefghijklmnop"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+def redis_binary() -> str | None:
+    """The redis-server binary; skips the test without one unless PINGPONG_REQUIRE_REDIS is set."""
+    found = shutil.which("redis-server")
+    if found is None:
+        if os.environ.get("PINGPONG_REQUIRE_REDIS"):
+            pytest.fail("redis-server is not installed and PINGPONG_REQUIRE_REDIS is set")
+        pytest.skip("redis-server is not installed")
+    return found
+
+
+class RedisServer:
+    """A redis-server on a free port that keeps nothing on disk; restartable on the same port."""
+
+    def __init__(self, binary: str, *, password: str | None = None) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
+
+    def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: port_open(self.port), timeout=10, what="redis-server to listen")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        wait_until(lambda: not port_open(self.port), timeout=10, what="redis-server to stop")
+
+    def stop(self) -> None:
+        self.kill()
+
+
+class DaphneNode:
+    """`manage.py serve` in its own process, with its own environment and log file."""
+
+    def __init__(self, *, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        inherited = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
+        self.env = {
+            **inherited,
+            "DJANGO_DEBUG": "0",
+            "DJANGO_SECRET_KEY": TEST_SECRET,
+            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.log = tempfile.NamedTemporaryFile(prefix="daphne-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}/ws/"
+
+    def start(self) -> "DaphneNode":
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(self.port)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(self.healthy, timeout=30, interval=0.1, what=f"daphne on port {self.port}")
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"daphne exited with {self.proc.returncode}:\n{self.output()}")
+        try:
+            with urllib.request.urlopen(f"{self.http}/healthz", timeout=1) as response:
+                return response.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def close(self) -> None:
+        self.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def http_request(
+    url: str, *, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """One HTTP request; returns (status, body) for success and error statuses alike."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a management command in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -1,0 +1,135 @@
+"""HTTP: the page, health and readiness probes, and every status of the broadcast API."""
+
+import json
+
+import pytest
+from django.test import AsyncClient, Client
+
+from pingpong.node import node
+from tests.processes import free_port
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def api(settings):
+    """A client for the broadcast API with the token configured."""
+    settings.PINGPONG_BROADCAST_TOKEN = TOKEN
+    return AsyncClient()
+
+
+@pytest.fixture
+def unreachable_redis(settings):
+    """The Redis channel layer pointed at a loopback port nothing listens on."""
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [{"address": f"redis://127.0.0.1:{free_port()}/0", "socket_connect_timeout": 0.5}]},
+        }
+    }
+
+
+async def post(client: AsyncClient, body: object, token: str | None = TOKEN, raw: bytes | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    data = raw if raw is not None else json.dumps(body).encode()
+    return await client.post("/api/broadcast", data=data, content_type="application/json", headers=headers)
+
+
+def test_page_is_served_and_connects_to_the_websocket():
+    response = Client().get("/")
+    assert response.status_code == 200
+    assert b"/ws/" in response.content or b"app.js" in response.content
+
+
+def test_healthz_is_ok_without_touching_the_channel_layer(settings):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "no.such.Backend"}}
+    response = Client().get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readyz_is_200_when_the_channel_layer_round_trips():
+    response = await AsyncClient().get("/readyz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ready"
+
+
+async def test_readyz_is_503_with_a_reason_when_the_channel_layer_is_unreachable(unreachable_redis):
+    response = await AsyncClient().get("/readyz")
+    assert response.status_code == 503
+    assert "channel layer" in response.json()["reason"]
+
+
+async def test_readyz_is_503_while_the_node_drains(monkeypatch):
+    monkeypatch.setattr(node, "draining", True)
+    response = await AsyncClient().get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["reason"] == "draining"
+
+
+async def test_broadcast_with_the_token_is_accepted_with_202(api):
+    response = await post(api, {"text": "hello"})
+    assert response.status_code == 202
+    assert response.json()["status"] == "accepted"
+
+
+@pytest.mark.parametrize("token", [None, "wrong", ""], ids=["missing", "wrong", "empty"])
+async def test_broadcast_without_the_right_token_is_401(api, token):
+    response = await post(api, {"text": "hello"}, token=token)
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthorized"
+
+
+async def test_broadcast_with_another_auth_scheme_is_401(api):
+    response = await api.post("/api/broadcast", data={"text": "x"}, content_type="application/json", headers={"Authorization": f"Basic {TOKEN}"})
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"", b"\xff\xfe", b'"just a string"', b"[]", b"{}", b'{"text": 5}', b'{"text": null}', b"[" * 100000],
+    ids=["bad-json", "empty", "not-utf8", "string", "array", "no-text", "number", "null", "deeply-nested"],
+)
+async def test_broadcast_with_a_bad_body_is_400(api, raw):
+    response = await post(api, None, raw=raw)
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_request"
+
+
+async def test_broadcast_text_over_the_limit_is_400(api, settings):
+    settings.PINGPONG_MAX_BROADCAST_BYTES = 10
+    response = await post(api, {"text": "x" * 11})
+    assert response.status_code == 400
+    assert "10 bytes" in response.json()["detail"]
+
+
+async def test_broadcast_body_over_the_upload_limit_is_413(api, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    response = await post(api, {"text": "x" * 2000})
+    assert response.status_code == 413
+
+
+async def test_broadcast_is_503_when_the_channel_layer_is_unreachable(api, unreachable_redis):
+    response = await post(api, {"text": "hello"})
+    assert response.status_code == 503
+    assert response.json()["error"] == "unavailable"
+
+
+@pytest.mark.parametrize("method", ["get", "put", "delete", "patch"])
+async def test_broadcast_with_another_method_is_405(api, method):
+    response = await getattr(api, method)("/api/broadcast")
+    assert response.status_code == 405
+    assert response["Allow"] == "POST"
+
+
+async def test_broadcast_without_a_configured_token_is_403(settings):
+    settings.PINGPONG_BROADCAST_TOKEN = ""
+    response = await post(AsyncClient(), {"text": "hello"})
+    assert response.status_code == 403
+    assert "PINGPONG_BROADCAST_TOKEN" in response.json()["detail"]
+
+
+async def test_broadcast_needs_no_csrf_cookie(settings):
+    settings.PINGPONG_BROADCAST_TOKEN = TOKEN
+    response = await post(AsyncClient(enforce_csrf_checks=True), {"text": "hello"})
+    assert response.status_code == 202
