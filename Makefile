@@ -1,0 +1,38 @@
+# The common chores. `make run` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format bench check-deploy clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+## run: serve http://127.0.0.1:8000 with daphne and the embedded channel layer
+run: $(STAMP)
+	$(BIN)/python manage.py serve --host 127.0.0.1 --port 8000
+
+## test: the whole suite (Redis and browser tests skip without redis-server / chromium unless required)
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## lint: ruff (lint + format check) and mypy
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy pingpong project
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## bench: the side-by-side benchmark (see bench/README.md)
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache staticfiles artifacts
