@@ -8,12 +8,14 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
 from pingpong import protocol
 from pingpong.broadcast import BroadcastInvalid, broadcast_send, broadcast_text_from
 from pingpong.layer import ChannelLayerUnavailable, layer_roundtrip
 from pingpong.node import node
+from pingpong.presence import PresenceUnavailable, presence_start, presence_stats
 
 
 def error_response(status: int, error: str, detail: str, **headers: str) -> JsonResponse:
@@ -82,3 +84,15 @@ async def broadcast(request: HttpRequest) -> JsonResponse:
     except ChannelLayerUnavailable as error:
         return error_response(503, "unavailable", f"The channel layer is unreachable: {error}")
     return JsonResponse({"status": "accepted", "id": event["id"]}, status=202)
+
+
+@never_cache
+async def stats(request: HttpRequest) -> JsonResponse:
+    """GET /api/stats: open connections in the cluster and per node (see pingpong.presence)."""
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, "method_not_allowed", "Use GET.", Allow="GET, HEAD")
+    presence_start()
+    try:
+        return JsonResponse(await presence_stats())
+    except PresenceUnavailable as error:
+        return error_response(503, "unavailable", f"Redis is unreachable, so the cluster count is unknown: {error}")

@@ -9,4 +9,5 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("api/broadcast", views.broadcast, name="broadcast"),
+    path("api/stats", views.stats, name="stats"),
 ]

@@ -90,8 +90,9 @@ class RedisServer:
 class DaphneNode:
     """`manage.py serve` in its own process, with its own environment and log file."""
 
-    def __init__(self, *, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, *, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        # A given port lets a test restart a node where its clients expect it.
+        self.port = free_port() if port is None else port
         inherited = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
         self.env = {
             **inherited,
