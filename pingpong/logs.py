@@ -4,6 +4,8 @@ import json
 import logging
 import time
 
+from redis.exceptions import RedisError
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and the exception, if any)."""
@@ -18,3 +20,22 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+class BriefConnectionErrors(logging.Filter):
+    """Shorten channels-redis' reconnect loop logs to one line while Redis is down.
+
+    Its receive task logs a full traceback every second during an outage; the cause
+    (a refused or dropped connection) fits in one line, and tracebacks stay reserved
+    for bugs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (OSError, ConnectionError, RedisError)):
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True

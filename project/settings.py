@@ -129,16 +129,23 @@ LOGGING = {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "pingpong.logs.JsonFormatter"},
     },
+    "filters": {"brief_connection_errors": {"()": "pingpong.logs.BriefConnectionErrors"}},
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": "json" if LOG_FORMAT == "json" else "text",
-        }
+        },
+        "brief": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "text",
+            "filters": ["brief_connection_errors"],
+        },
     },
     "root": {"handlers": ["console"], "level": env_str("PINGPONG_LOG_LEVEL", "INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        "channels_redis": {"handlers": ["brief"], "propagate": False},
     },
 }
 

@@ -1,0 +1,112 @@
+"""End to end over TCP: real daphne processes (embedded layer) and a real websocket client."""
+
+import asyncio
+import signal
+import socket
+import base64
+import os
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from pingpong import protocol
+from tests.processes import LOOPBACK, http_request, wait_until
+from tests.wsclient import close_code, next_event, ping_pong, ws_connect
+
+
+@pytest.fixture
+def node(daphne_nodes):
+    return daphne_nodes()
+
+
+async def test_ping_over_tcp_is_answered_with_pong(node):
+    async with await ws_connect(node.ws) as ws:
+        assert await ping_pong(ws) == "pong!"
+
+
+async def test_binary_frame_over_tcp_closes_with_4003(node):
+    async with await ws_connect(node.ws) as ws:
+        await ws.send(b"ping")
+        assert (await next_event(ws))["error"] == "unsupported_data"
+        assert await close_code(ws) == protocol.CLOSE_UNSUPPORTED_DATA
+
+
+async def test_unknown_path_is_rejected_with_403_and_no_traceback(node):
+    with pytest.raises(InvalidStatus) as rejected:
+        await ws_connect(node.ws.replace("/ws/", "/nowhere/"))
+    assert rejected.value.response.status_code == 403
+    assert "Traceback" not in node.output()
+
+
+async def test_foreign_origin_is_rejected_with_403(node):
+    with pytest.raises(InvalidStatus) as rejected:
+        await ws_connect(node.ws, origin="http://evil.example")
+    assert rejected.value.response.status_code == 403
+
+
+async def test_echo_returns_empty_frames_through_daphne(node):
+    async with await ws_connect(node.ws.replace("/ws/", "/ws/echo/")) as ws:
+        for frame in ["", b"", "x", b"\x00"]:
+            await ws.send(frame)
+            assert await asyncio.wait_for(ws.recv(), 5) == frame
+
+
+async def test_message_over_daphne_limit_is_answered_by_the_app_with_4009(daphne_nodes):
+    node = daphne_nodes({"PINGPONG_MAX_MESSAGE_BYTES": "1000"})
+    async with await ws_connect(node.ws) as ws:
+        await ws.send("x" * 1001)
+        assert (await next_event(ws))["error"] == "message_too_big"
+        assert await close_code(ws) == protocol.CLOSE_MESSAGE_TOO_BIG
+
+
+def silent_websocket(port: int) -> socket.socket:
+    """A raw client that completes the handshake, then never reads or answers anything."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws/ HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{LOOPBACK}:{port}\r\n\r\n"
+        ).encode()
+    )
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+async def test_sigterm_closes_every_client_with_4012_and_exits_0(daphne_nodes):
+    node = daphne_nodes({"PINGPONG_DRAIN_SECONDS": "5"})
+    clients = [await ws_connect(node.ws) for _ in range(3)]
+    for ws in clients:
+        assert await ping_pong(ws) == "pong!"
+    node.signal(signal.SIGTERM)
+    codes = await asyncio.gather(*(close_code(ws) for ws in clients))
+    assert codes == [protocol.CLOSE_SERVICE_RESTART] * 3
+    assert await asyncio.to_thread(node.wait, 15) == 0
+    assert "drained 3 of 3" in node.output()
+
+
+def test_readyz_turns_503_as_soon_as_draining_starts(daphne_nodes):
+    node = daphne_nodes({"PINGPONG_DRAIN_SECONDS": "5"})
+    holder = silent_websocket(node.port)  # keeps the drain busy until its close handshake times out
+    assert http_request(f"{node.http}/readyz")[0] == 200
+    node.signal(signal.SIGTERM)
+    status, body = http_request(f"{node.http}/readyz")
+    assert status == 503
+    assert b"draining" in body
+    holder.close()
+    assert node.wait(15) == 0
+
+
+def test_connection_during_drain_is_turned_away_with_4013(daphne_nodes):
+    node = daphne_nodes({"PINGPONG_DRAIN_SECONDS": "5"})
+    holder = silent_websocket(node.port)
+    node.signal(signal.SIGTERM)
+    wait_until(lambda: http_request(f"{node.http}/readyz")[0] == 503, timeout=5, what="drain to start")
+
+    async def late_client() -> int | None:
+        async with await ws_connect(node.ws) as ws:
+            return await close_code(ws)
+
+    assert asyncio.run(late_client()) == protocol.CLOSE_TRY_AGAIN_LATER
+    holder.close()
+    assert node.wait(15) == 0
