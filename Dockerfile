@@ -1,0 +1,22 @@
+# pingpong: one daphne node. docker-compose.yml runs several behind nginx with Redis.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md manage.py ./
+COPY project ./project
+COPY pingpong ./pingpong
+RUN pip install . \
+ && DJANGO_DEBUG=1 python manage.py collectstatic --noinput \
+ && useradd --system --uid 10001 pingpong
+USER pingpong
+
+EXPOSE 8000
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+  CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"
+CMD ["python", "manage.py", "serve", "--host", "0.0.0.0", "--port", "8000"]

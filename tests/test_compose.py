@@ -1,0 +1,125 @@
+"""docker-compose.yml, nginx.conf and the Dockerfile agree with each other and with the settings.
+
+No Docker engine runs in CI, so the files are parsed and checked here; the topology
+they describe (Redis + two daphne nodes) is proven with real processes in test_redis.py.
+"""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from project import settings
+from tests.processes import ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+NGINX = (ROOT / "deploy" / "nginx.conf").read_text()
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+SERVICES = COMPOSE["services"]
+APP = SERVICES["app"]
+APP_ENV = APP["environment"]
+
+
+def seconds(value: str) -> float:
+    """A compose/nginx duration such as 15s, 2m or 1m30s in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smh])", value))
+
+
+def test_redis_has_a_healthcheck_and_keeps_nothing_on_disk():
+    redis = SERVICES["redis"]
+    assert "redis-cli" in redis["healthcheck"]["test"]
+    assert "--save" in redis["command"]
+
+
+def test_at_least_two_app_replicas_share_the_redis_url():
+    assert APP["deploy"]["replicas"] >= 2
+    assert APP_ENV["REDIS_URL"].startswith("redis://redis:")
+    assert APP["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_app_is_production_configured_and_checks_readiness():
+    assert APP_ENV["DJANGO_DEBUG"] == "0"
+    assert "?" in APP_ENV["DJANGO_SECRET_KEY"], "compose must refuse to start without a secret"
+    assert "/readyz" in " ".join(APP["healthcheck"]["test"])
+
+
+def test_every_app_variable_is_a_setting_the_project_reads():
+    source = (ROOT / "project" / "settings.py").read_text()
+    for name in APP_ENV:
+        assert f'"{name}"' in source, f"{name} is set in compose but never read"
+
+
+def test_stop_grace_period_outlasts_the_drain():
+    assert seconds(APP["stop_grace_period"]) > float(APP_ENV["PINGPONG_DRAIN_SECONDS"])
+
+
+def test_load_balancer_listens_on_8000_with_the_repo_config():
+    lb = SERVICES["lb"]
+    assert "8000:8000" in lb["ports"]
+    assert any(volume.startswith("./deploy/nginx.conf:") for volume in lb["volumes"])
+    assert re.search(r"listen\s+8000;", NGINX)
+
+
+def test_load_balancer_upgrades_websockets_and_sets_the_client_ip_header():
+    assert "proxy_http_version 1.1;" in NGINX
+    assert "proxy_set_header Upgrade $http_upgrade;" in NGINX
+    assert "proxy_set_header Connection $connection_upgrade;" in NGINX
+    header = APP_ENV["PINGPONG_PROXY_HEADER"]
+    assert f"proxy_set_header {header} $remote_addr;" in NGINX
+
+
+def test_load_balancer_read_timeout_outlasts_the_heartbeat():
+    heartbeat = float(APP_ENV["PINGPONG_PING_INTERVAL"]) + float(APP_ENV["PINGPONG_PING_TIMEOUT"])
+    read_timeout = seconds(re.search(r"proxy_read_timeout\s+(\S+);", NGINX).group(1))
+    assert read_timeout > heartbeat
+
+
+def test_nginx_body_limit_matches_the_api_limit():
+    limit = re.search(r"client_max_body_size\s+(\d+)k;", NGINX).group(1)
+    assert int(limit) * 1024 == settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+
+
+def test_image_serves_with_the_project_server_command():
+    assert '"manage.py", "serve"' in DOCKERFILE
+    assert "STOPSIGNAL SIGTERM" in DOCKERFILE
+
+
+def compose_command() -> list[str] | None:
+    """`docker compose` (v2 plugin) or `docker-compose` (v1), whichever is installed."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_compose_config_validates_where_docker_compose_exists():
+    command = compose_command()
+    if command is None:
+        pytest.skip("docker compose is not installed (the file is still checked by the tests above)")
+    result = subprocess.run(
+        [*command, "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        env={"DJANGO_SECRET_KEY": "x" * 50, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_refuses_to_start_without_a_secret():
+    command = compose_command()
+    if command is None:
+        pytest.skip("docker compose is not installed")
+    result = subprocess.run(
+        [*command, "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY" in result.stderr
