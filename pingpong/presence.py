@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import weakref
-from typing import Final, TypedDict
+from typing import Any, Final, TypedDict
 
 from django.conf import settings
 from redis.asyncio import Redis
@@ -53,7 +53,8 @@ def presence_node_id() -> str:
 
 def presence_prefix() -> str:
     """The Redis key prefix, shared with the channel layer so deployments stay apart."""
-    config = settings.CHANNEL_LAYERS.get("default", {}).get("CONFIG", {})
+    layers: dict[str, Any] = getattr(settings, "CHANNEL_LAYERS", {})
+    config: dict[str, Any] = layers.get("default", {}).get("CONFIG") or {}
     return str(config.get("prefix") or "pingpong")
 
 
