@@ -1,0 +1,191 @@
+"""Ratios to the baseline, the text table, the JSON file and the PNG chart."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+#: The issue's targets, as (metric, bound) per workload: ratios of the project to its reference.
+TARGETS = {
+    "w1_throughput": 0.9,  # >= x baseline
+    "w1_p99": 1.25,  # <= x baseline
+    "w2_rss": 1.5,  # <= x baseline
+    "w2_connect_rate": 0.7,  # >= x baseline
+    "w3_p99": 2.0,  # <= x raw fan-out ceiling
+}
+
+
+def _find(rows: list[Row], **match: Any) -> Row | None:
+    for row in rows:
+        if all(row.get(key) == value for key, value in match.items()):
+            return row
+    return None
+
+
+def ratios_add(rows: list[Row]) -> None:
+    """Give every row its ratios to the reference of the same run (baseline; raw fan-out for W3)."""
+    for row in rows:
+        if row["workload"] == "w1":
+            base = _find(rows, workload="w1", app="baseline", server=row["server"], connections=row["connections"])
+            if base and base["messages_per_second"] and base["rtt_ms"]["p99"]:
+                row["vs_baseline"] = {
+                    "throughput": round(row["messages_per_second"] / base["messages_per_second"], 3),
+                    "p99": round(row["rtt_ms"]["p99"] / base["rtt_ms"]["p99"], 3),
+                }
+        elif row["workload"] == "w2":
+            base = _find(rows, workload="w2", app="baseline", server=row["server"])
+            if base and base["rss_per_connection_kb"] > 0 and base["connect_rate"]:
+                row["vs_baseline"] = {
+                    "rss_per_connection": round(row["rss_per_connection_kb"] / base["rss_per_connection_kb"], 3),
+                    "connect_rate": round(row["connect_rate"] / base["connect_rate"], 3),
+                }
+        elif row["workload"] == "w3":
+            base = _find(rows, workload="w3", app="rawfanout")
+            if base and base["latency_ms"]["p99"]:
+                row["vs_baseline"] = {"p99": round(row["latency_ms"]["p99"] / base["latency_ms"]["p99"], 3)}
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    """One line per target for the project on daphne: measured ratio, bound, met or missed."""
+    lines = []
+
+    def check(name: str, value: float, bound: float, at_least: bool) -> str:
+        met = value >= bound if at_least else value <= bound
+        sign = ">=" if at_least else "<="
+        return f"{name}: {value:.2f}x (target {sign} {bound}x) {'met' if met else 'MISSED'}"
+
+    for row in rows:
+        if row.get("app") != "project" or row.get("server") != "daphne" or "vs_baseline" not in row:
+            continue
+        ratio = row["vs_baseline"]
+        if row["workload"] == "w1":
+            label = f"W1 {row['connections']} conns"
+            lines.append(check(f"{label} throughput", ratio["throughput"], TARGETS["w1_throughput"], True))
+            lines.append(check(f"{label} p99 RTT", ratio["p99"], TARGETS["w1_p99"], False))
+        elif row["workload"] == "w2":
+            lines.append(check("W2 RSS/connection", ratio["rss_per_connection"], TARGETS["w2_rss"], False))
+            lines.append(check("W2 connect rate", ratio["connect_rate"], TARGETS["w2_connect_rate"], True))
+            held = row["opened"] == row["connections"] and row["answered"] == row["connections"] and not row["errors"]
+            lines.append(f"W2 {row['connections']:,} held and answering, 0 errors: {'met' if held else 'MISSED'}")
+        elif row["workload"] == "w3":
+            lines.append(check("W3 p99 delivery latency vs raw ceiling", ratio["p99"], TARGETS["w3_p99"], False))
+            full = row["delivered"] == row["expected"] and row["expected"] > 0
+            lines.append(f"W3 delivered {row['delivered_percent']}% (target 100%) {'met' if full else 'MISSED'}")
+    for row in rows:
+        if row.get("workload") == "w3" and row.get("app") == "project" and "vs_baseline" not in row:
+            full = row["delivered"] == row["expected"] and row["expected"] > 0
+            lines.append(f"W3 delivered {row['delivered_percent']}% (target 100%) {'met' if full else 'MISSED'}")
+    return lines
+
+
+def _ratio(row: Row, key: str) -> str:
+    value = row.get("vs_baseline", {}).get(key)
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table per workload."""
+    out: list[str] = []
+    w1 = [row for row in rows if row["workload"] == "w1"]
+    if w1:
+        out += [
+            "W1 ping/pong (closed loop)",
+            "",
+            "| server | app | conns | msg/s | vs base | RTT p50 ms | p90 | p99 | vs base | max | errors | client CPU | server CPU s |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in w1:
+            rtt = r["rtt_ms"]
+            out.append(
+                f"| {r['server']} | {r['app']} | {r['connections']} | {r['messages_per_second']:,.0f} | {_ratio(r, 'throughput')} "
+                f"| {rtt['p50']:.2f} | {rtt['p90']:.2f} | {rtt['p99']:.2f} | {_ratio(r, 'p99')} | {rtt['max']:.1f} "
+                f"| {r['errors']} | {r['client_cpu_percent']:.0f}% | {r['server_cpu_seconds']:.1f} |"
+            )
+        out.append("")
+    w2 = [row for row in rows if row["workload"] == "w2"]
+    if w2:
+        out += [
+            "W2 capacity (one node)",
+            "",
+            "| server | app | held | connect/s | vs base | RSS before MB | after MB | KB/conn | vs base | answered ping | errors | client CPU |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in w2:
+            out.append(
+                f"| {r['server']} | {r['app']} | {r['opened']:,}/{r['connections']:,} | {r['connect_rate']:,.0f} | {_ratio(r, 'connect_rate')} "
+                f"| {r['rss_before_mb']} | {r['rss_after_mb']} | {r['rss_per_connection_kb']:.1f} | {_ratio(r, 'rss_per_connection')} "
+                f"| {r['answered']:,} | {r['errors']} | {r['client_cpu_percent']:.0f}% |"
+            )
+        out.append("")
+    w3 = [row for row in rows if row["workload"] == "w3"]
+    if w3:
+        out += [
+            "W3 fan-out (redis-server + daphne nodes, broadcasts through the API)",
+            "",
+            "| app | nodes | clients | connect s | delivered/expected | % | latency p50 ms | p99 | vs raw | max | client CPU | servers CPU |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in w3:
+            lat = r["latency_ms"]
+            out.append(
+                f"| {r['app']} | {r['nodes']} | {r['opened']:,}/{r['clients']:,} | {r['connect_seconds']:.1f} "
+                f"| {r['delivered']:,}/{r['expected']:,} | {r['delivered_percent']} | {lat['p50']:.0f} | {lat['p99']:.0f} "
+                f"| {_ratio(r, 'p99')} | {lat['max']:.0f} | {r['client_cpu_percent']:.0f}% | {r['server_cpu_percent']:.0f}% |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def json_write(path: Path, *, rows: list[Row], meta: dict[str, Any]) -> None:
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "verdicts": verdicts(rows)}, indent=2))
+
+
+def chart_write(path: Path, rows: list[Row]) -> bool:
+    """Throughput and latency percentiles per app; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    w1 = [row for row in rows if row["workload"] == "w1"]
+    w3 = [row for row in rows if row["workload"] == "w3"]
+    panels = (2 if w1 else 0) + (1 if w3 else 0)
+    if not panels:
+        return False
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 5), squeeze=False)
+    axes = list(axes[0])
+    if w1:
+        labels = [f"{r['server']}\n{r['app']}\n{r['connections']}c" for r in w1]
+        ax = axes.pop(0)
+        ax.bar(range(len(w1)), [r["messages_per_second"] for r in w1], color="#4a7fb5")
+        ax.set_xticks(range(len(w1)), labels, fontsize=7)
+        ax.set_ylabel("messages/s")
+        ax.set_title("W1 ping/pong throughput")
+        ax = axes.pop(0)
+        width = 0.27
+        for offset, key, color in ((-width, "p50", "#8fbf6f"), (0, "p99", "#e0a030"), (width, "max", "#c04040")):
+            ax.bar([i + offset for i in range(len(w1))], [r["rtt_ms"][key] for r in w1], width, label=key, color=color)
+        ax.set_xticks(range(len(w1)), labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("RTT ms (log)")
+        ax.set_title("W1 round-trip time")
+        ax.legend()
+    if w3:
+        ax = axes.pop(0)
+        labels = [f"{r['app']}\n{r['delivered_percent']}% delivered" for r in w3]
+        width = 0.27
+        for offset, key, color in ((-width, "p50", "#8fbf6f"), (0, "p99", "#e0a030"), (width, "max", "#c04040")):
+            ax.bar(
+                [i + offset for i in range(len(w3))], [r["latency_ms"][key] for r in w3], width, label=key, color=color
+            )
+        ax.set_xticks(range(len(w3)), labels, fontsize=8)
+        ax.set_ylabel("delivery latency ms")
+        ax.set_title("W3 broadcast fan-out")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

@@ -1,0 +1,227 @@
+"""`python -m bench.run` (`make bench`): every app side by side in one run; table, JSON, PNG.
+
+Servers are pinned to all cores but the last, this load generator to the last one (where
+there are two or more); results go to bench/results/ (latest.json, latest.png, logs/).
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.servers import cpu_split, open_files_raise, redis_start
+from bench.workloads import w1_pingpong, w2_capacity, w3_fanout
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run of a minute or so)")
+    parser.add_argument("--only", default="w1,w2,w3", help="workloads to run (default w1,w2,w3)")
+    parser.add_argument("--servers", default="daphne,uvicorn", help="servers for W1 and W2 (W3 is daphne)")
+    parser.add_argument("--apps", default="project,baseline,stock", help="apps for W1 and W2")
+    parser.add_argument("--w3-apps", default="project,rawfanout,stock", help="apps for W3")
+    parser.add_argument("--connections", default="50,1000", help="W1 connection counts")
+    parser.add_argument("--duration", type=float, default=10.0, help="W1 seconds of load per case")
+    parser.add_argument("--w2-connections", type=int, default=10_000)
+    parser.add_argument("--w2-servers", default="daphne", help="servers for W2 (default daphne)")
+    parser.add_argument("--w3-clients", type=int, default=4_000)
+    parser.add_argument("--w3-nodes", type=int, default=2)
+    parser.add_argument("--w3-rate", type=float, default=20.0, help="broadcasts per second")
+    parser.add_argument("--w3-seconds", type=float, default=5.0, help="seconds of broadcasting")
+    parser.add_argument("--w3-drain", type=float, default=15.0, help="seconds to wait for late deliveries")
+    parser.add_argument("--no-redis", action="store_true", help="serve W1/W2 on the in-memory layer")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json/latest.png/logs")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.connections, options.duration = "20,200", 3.0
+        options.w2_connections, options.w3_clients, options.w3_seconds, options.w3_drain = 1000, 400, 2.0, 5.0
+    return options
+
+
+class Progress:
+    """`[step/steps] label  detail` on stderr: rewritten in place on a terminal, every 2 s otherwise."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.step, self.label = steps, 0, ""
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def begin(self, label: str) -> None:
+        self.step += 1
+        self.label = label
+        self.last = 0.0
+        self.say("starting")
+
+    def say(self, detail: str) -> None:
+        line = f"[{self.step}/{self.steps}] {self.label}: {detail}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+        elif time.monotonic() - self.last >= 2.0:
+            sys.stderr.write(line + "\n")
+            self.last = time.monotonic()
+        sys.stderr.flush()
+
+    def end(self, summary: str) -> None:
+        line = f"[{self.step}/{self.steps}] {self.label}: {summary}"
+        sys.stderr.write(("\r\033[K" if self.tty else "") + line + "\n")
+        sys.stderr.flush()
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in ("daphne", "uvicorn", "channels", "channels-redis", "django", "websockets", "uvloop", "twisted"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "versions": versions,
+    }
+
+
+def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tuple[str, Callable[..., dict]]]:
+    """Every (label, call) of this run, in order."""
+    only = set(csv(options.only))
+    plan: list[tuple[str, Callable[..., dict]]] = []
+    apps = csv(options.apps)
+    w1_redis = None if options.no_redis else redis_url
+    if "w1" in only:
+        for server in csv(options.servers):
+            for connections in [int(c) for c in csv(options.connections)]:
+                for app in apps:
+                    plan.append(
+                        (
+                            f"W1 {server} {app} {connections} conns",
+                            lambda say, cores, logs, a=app, s=server, c=connections: w1_pingpong(
+                                app=a, server=s, connections=c, duration=options.duration,
+                                redis_url=w1_redis, cores=cores, log_dir=logs, say=say,
+                            ),
+                        )
+                    )  # fmt: skip
+    if "w2" in only:
+        for server in csv(options.w2_servers):
+            for app in apps:
+                plan.append(
+                    (
+                        f"W2 {server} {app} {options.w2_connections:,} conns",
+                        lambda say, cores, logs, a=app, s=server: w2_capacity(
+                            app=a, server=s, connections=options.w2_connections,
+                            redis_url=w1_redis, cores=cores, log_dir=logs, say=say,
+                        ),
+                    )
+                )  # fmt: skip
+    if "w3" in only:
+        if redis_url is None:
+            print("W3 skipped: redis-server is not installed", file=sys.stderr)
+        else:
+            for app in csv(options.w3_apps):
+                plan.append(
+                    (
+                        f"W3 {app} {options.w3_nodes} nodes {options.w3_clients:,} clients",
+                        lambda say, cores, logs, a=app: w3_fanout(
+                            app=a, clients=options.w3_clients, nodes=options.w3_nodes, rate=options.w3_rate,
+                            seconds=options.w3_seconds, drain=options.w3_drain, redis_url=redis_url,
+                            cores=cores, log_dir=logs, say=say,
+                        ),
+                    )
+                )  # fmt: skip
+    return plan
+
+
+def summary(row: dict) -> str:
+    if row["workload"] == "w1":
+        rtt = row["rtt_ms"]
+        return (
+            f"{row['messages_per_second']:,.0f} msg/s, p50 {rtt['p50']:.2f} ms, p99 {rtt['p99']:.2f} ms, "
+            f"errors {row['errors']}, client CPU {row['client_cpu_percent']:.0f}%"
+        )
+    if row["workload"] == "w2":
+        return (
+            f"{row['opened']:,} held, {row['connect_rate']:,.0f} conn/s, {row['rss_per_connection_kb']:.1f} KB/conn, "
+            f"{row['answered']:,} answered, errors {row['errors']}"
+        )
+    lat = row["latency_ms"]
+    return (
+        f"{row['delivered']:,}/{row['expected']:,} delivered ({row['delivered_percent']}%), "
+        f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = options_parse(argv)
+    options.out.mkdir(parents=True, exist_ok=True)
+    logs = options.out / "logs"
+    server_cores, client_cores = cpu_split()
+    if client_cores:
+        os.sched_setaffinity(0, client_cores)
+    meta = {
+        "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+        "server_cores": sorted(server_cores) if server_cores else None,
+        "client_cores": sorted(client_cores) if client_cores else None,
+        "open_files_limit": open_files_raise(),
+    }
+    redis = redis_start(cores=server_cores, log_dir=logs)
+    redis_url = f"redis://127.0.0.1:{redis.port}/0" if redis else None
+    rows: list[dict] = []
+    began = time.monotonic()
+    try:
+        plan = steps_plan(options, redis_url=redis_url)
+        progress = Progress(len(plan))
+        for label, call in plan:
+            progress.begin(label)
+            try:
+                row = call(progress.say, server_cores, logs)
+            except Exception as error:  # one failed case must not lose the others
+                progress.end(f"FAILED: {type(error).__name__}: {error}")
+                rows.append({"workload": label.split()[0].lower(), "label": label, "failed_with": str(error)})
+                continue
+            row["channel_layer"] = (
+                "redis pub/sub" if (redis_url and not options.no_redis) or row["workload"] == "w3" else "in-memory"
+            )
+            rows.append(row)
+            progress.end(summary(row))
+            report.json_write(options.out / "latest.json", rows=[r for r in rows if "failed_with" not in r], meta=meta)
+    finally:
+        if redis is not None:
+            redis.stop()
+    good = [row for row in rows if "failed_with" not in row]
+    report.ratios_add(good)
+    meta["seconds"] = round(time.monotonic() - began, 1)
+    report.json_write(options.out / "latest.json", rows=good, meta=meta)
+    charted = report.chart_write(options.out / "latest.png", good)
+    print(report.table(good))
+    for line in report.verdicts(good):
+        print(line)
+    print(f"\n{len(good)} of {len(rows)} cases in {meta['seconds']:.0f}s; wrote {options.out / 'latest.json'}"
+          + (f" and {options.out / 'latest.png'}" if charted else ""))  # fmt: skip
+    return 0 if len(good) == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
