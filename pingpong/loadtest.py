@@ -7,6 +7,7 @@ the measurement window is the `duration` seconds after the last one opened or fa
 """
 
 import asyncio
+import json
 import math
 import resource
 import time
@@ -165,6 +166,14 @@ async def ping_answer(ws: ClientConnection, *, within: float = ANSWER_TIMEOUT) -
                 return answer if isinstance(answer, str) else repr(answer)
 
 
+def error_name(event_text: str) -> str:
+    """`error:<code>` for a server error event, for the errors counter."""
+    try:
+        return f"error:{json.loads(event_text).get('error', 'unknown')}"
+    except ValueError:
+        return "error:unparsable"
+
+
 def wrong_answer(answer: str) -> LoadtestError:
     shown = answer if len(answer) <= 80 else answer[:77] + "..."
     return LoadtestError(
@@ -265,7 +274,10 @@ class _Run:
                 # cancels a worker still waiting after FINISH_TIMEOUT.
                 await ws.send(protocol.PING)
                 answer = await ws.recv()
-                while isinstance(answer, str) and answer.startswith('{"type":"broadcast"'):
+                while isinstance(answer, str) and answer.startswith(('{"type":"broadcast"', '{"type":"error"')):
+                    if answer.startswith('{"type":"error"'):
+                        # An explained refusal (rate limit, node full...): count it, the close follows.
+                        self.errors[error_name(answer)] += 1
                     answer = await ws.recv()
                 now = perf()
                 if not isinstance(answer, str):
