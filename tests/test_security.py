@@ -1,0 +1,294 @@
+"""Security with real processes: origins, the broadcast token, production settings, client IPs, Redis auth and TLS."""
+
+import json
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from tests.processes import (
+    LOOPBACK,
+    ORIGIN,
+    DaphneNode,
+    RedisServer,
+    free_port,
+    http_request,
+    manage,
+    port_open,
+    redis_binary,
+    wait_until,
+)
+from tests.rawws import RawClient, handshake_request
+
+TOKEN = "security-broadcast-token-5b1e0d47c2"
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[DaphneNode]:
+    """A node with the broadcast token set and every logger at DEBUG, so a leak would show."""
+    daphne = DaphneNode(env={"PINGPONG_BROADCAST_TOKEN": TOKEN, "PINGPONG_LOG_LEVEL": "DEBUG"})
+    try:
+        yield daphne.start()
+    finally:
+        daphne.close()
+
+
+def handshake_status(node: DaphneNode, *, origin: str | None, extra: dict[str, str] | None = None) -> int:
+    with RawClient(node.port) as client:
+        return client.handshake(handshake_request(port=node.port, origin=origin, extra=extra))
+
+
+def post_broadcast(node: DaphneNode, *, text: str, authorization: str | None) -> int:
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    body = json.dumps({"text": text}).encode()
+    status, _ = http_request(f"{node.http}/api/broadcast", method="POST", body=body, headers=headers)
+    return status
+
+
+def broadcast_reaches_a_client(node: DaphneNode, *, token: str) -> bool:
+    """Connect a client, broadcast through the HTTP API, and see the event arrive."""
+    text = f"through redis {secrets.token_hex(4)}"
+    with connect(node.ws, origin=ORIGIN, open_timeout=5) as ws:
+        ws.send("ping")
+        assert ws.recv(timeout=5) == "pong!"  # connected and in the broadcast group
+        assert post_broadcast(node, text=text, authorization=f"Bearer {token}") == 202
+        event = json.loads(ws.recv(timeout=5))
+    return event.get("type") == "broadcast" and event.get("text") == text
+
+
+def readyz_status(node: DaphneNode) -> int:
+    status, _ = http_request(f"{node.http}/readyz")
+    return status
+
+
+# --- Origin ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [None, "null", "http://evil.example", "http://127.0.0.1.evil.example", "http://localhost.evil.example"],
+    ids=["missing", "null", "foreign", "allowed host as a prefix", "allowed host as a subdomain"],
+)
+def test_handshake_without_an_allowed_origin_is_refused_with_403(node, origin):
+    assert handshake_status(node, origin=origin) == 403
+
+
+@pytest.mark.parametrize("origin", [ORIGIN, "http://localhost:3000", "https://127.0.0.1"])
+def test_handshake_from_an_allowed_origin_is_accepted(node, origin):
+    assert handshake_status(node, origin=origin) == 101
+
+
+# --- the broadcast token --------------------------------------------------------------------
+
+
+def test_broadcast_token_never_appears_in_the_log(node):
+    attempts = [
+        f"Bearer {TOKEN}x",  # wrong, but carries the real token
+        f"Bearer {TOKEN.upper()}",
+        f"Basic {TOKEN}",
+        f"bearer  {TOKEN[:-1]}",
+        f"Bearer {TOKEN}",  # the one that succeeds
+    ]
+    statuses = [post_broadcast(node, text="token check", authorization=header) for header in attempts]
+    assert statuses == [401, 401, 401, 401, 202]
+    assert TOKEN not in node.output()
+    assert TOKEN[:-1] not in node.output()
+
+
+# --- production settings --------------------------------------------------------------------
+
+PRODUCTION_ENV = {
+    "DJANGO_DEBUG": "0",
+    "DJANGO_ALLOWED_HOSTS": "pingpong.example.com",
+    "DJANGO_HTTPS": "1",
+}
+
+
+def test_production_settings_pass_the_deploy_check_with_no_warnings():
+    env = {**PRODUCTION_ENV, "DJANGO_SECRET_KEY": secrets.token_urlsafe(50)}
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_production_without_a_secret_stops_with_one_sentence_and_no_traceback():
+    result = manage("check", env={**PRODUCTION_ENV, "DJANGO_SECRET_KEY": ""})
+    stderr = result.stderr.strip()
+    assert result.returncode != 0
+    assert "Traceback" not in stderr
+    assert len(stderr.splitlines()) == 1 and "DJANGO_SECRET_KEY" in stderr, stderr
+
+
+# --- client IP behind a proxy ---------------------------------------------------------------
+
+SPOOFED_HEADERS = {"X-Real-IP": "203.0.113.7", "X-Forwarded-For": "198.51.100.9, 203.0.113.7"}
+
+
+def open_lines(node: DaphneNode) -> list[str]:
+    return [line for line in node.output().splitlines() if "pingpong.connections open" in line]
+
+
+def connect_and_log(node: DaphneNode) -> str:
+    """Open one connection with proxy headers and return its `open` log line."""
+    before = len(open_lines(node))
+    with connect(node.ws, origin=ORIGIN, open_timeout=5, additional_headers=SPOOFED_HEADERS) as ws:
+        ws.send("ping")
+        assert ws.recv(timeout=5) == "pong!"
+    wait_until(lambda: len(open_lines(node)) > before, timeout=5, what="the open log line")
+    return open_lines(node)[before]
+
+
+def test_client_ip_comes_from_x_real_ip_not_the_left_most_x_forwarded_for(daphne_nodes):
+    proxied = daphne_nodes(env={"PINGPONG_PROXY_HEADER": "X-Real-IP"})
+    line = connect_and_log(proxied)
+    assert "client=203.0.113.7" in line and "198.51.100.9" not in line, line
+
+
+def test_proxy_headers_are_ignored_unless_the_proxy_header_is_set(node):
+    line = connect_and_log(node)
+    assert f"client={LOOPBACK}" in line, line
+
+
+# --- Redis with a password ------------------------------------------------------------------
+
+REDIS_PASSWORD = "redis-pw-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="module")
+def password_redis() -> Iterator[RedisServer]:
+    server = RedisServer(redis_binary(), password=REDIS_PASSWORD)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def redis_node(daphne_nodes) -> Callable[[str], DaphneNode]:
+    """A node whose channel layer is the Redis at `url`."""
+    return lambda url: daphne_nodes(env={"REDIS_URL": url, "PINGPONG_BROADCAST_TOKEN": TOKEN})
+
+
+def test_redis_with_a_password_carries_pings_broadcasts_and_readiness(password_redis, redis_node):
+    node = redis_node(password_redis.url)
+    assert readyz_status(node) == 200
+    assert broadcast_reaches_a_client(node, token=TOKEN)
+
+
+def test_redis_with_a_wrong_password_makes_the_node_unready_without_revealing_it(password_redis, redis_node):
+    wrong = password_redis.url.replace(REDIS_PASSWORD, "not-the-password")
+    node = redis_node(wrong)
+    status, body = http_request(f"{node.http}/readyz")
+    assert status == 503
+    assert b"not-the-password" not in body and "not-the-password" not in node.output()
+
+
+# --- Redis over TLS -------------------------------------------------------------------------
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tls_certs(tmp_path_factory) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    days = ["-days", "1"]
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        *days,
+        "-subj",
+        "/CN=pingpong test CA",
+        cwd=directory,
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        f"/CN={LOOPBACK}",
+        cwd=directory,
+    )
+    (directory / "san.cnf").write_text(f"subjectAltName=IP:{LOOPBACK}\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        "1",
+        "-out",
+        "server.crt",
+        *days,
+        "-extfile",
+        "san.cnf",
+        cwd=directory,
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tls_certs) -> Iterator[int]:
+    """redis-server answering only TLS on a free port; skips when redis-server was built without TLS."""
+    port = free_port()
+    args = [
+        redis_binary(),
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--bind",
+        LOOPBACK,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    args += ["--tls-cert-file", str(tls_certs / "server.crt"), "--tls-key-file", str(tls_certs / "server.key")]
+    args += ["--tls-ca-cert-file", str(tls_certs / "ca.crt"), "--tls-auth-clients", "no"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: port_open(port) or proc.poll() is not None, timeout=10, what="redis-server with TLS")
+        if proc.poll() is not None:
+            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            pytest.skip(f"redis-server does not support TLS here (it exited with {proc.returncode}): {output[-300:]}")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+@pytest.mark.parametrize("verify", ["ssl_cert_reqs=none", "ssl_ca_certs"], ids=["unverified", "verified with the CA"])
+def test_redis_over_tls_carries_broadcasts(tls_redis, tls_certs, redis_node, verify):
+    query = f"ssl_ca_certs={tls_certs / 'ca.crt'}" if verify == "ssl_ca_certs" else verify
+    node = redis_node(f"rediss://{LOOPBACK}:{tls_redis}/0?{query}")
+    assert readyz_status(node) == 200
+    assert broadcast_reaches_a_client(node, token=TOKEN)
