@@ -33,6 +33,10 @@ def ratios_add(rows: list[Row]) -> None:
                     "throughput": round(row["messages_per_second"] / base["messages_per_second"], 3),
                     "p99": round(row["rtt_ms"]["p99"] / base["rtt_ms"]["p99"], 3),
                 }
+                if base.get("server_us_per_message") and row.get("server_us_per_message"):
+                    row["vs_baseline"]["cpu_per_message"] = round(
+                        row["server_us_per_message"] / base["server_us_per_message"], 3
+                    )
         elif row["workload"] == "w2":
             base = _find(rows, workload="w2", app="baseline", server=row["server"])
             if base and base["rss_per_connection_kb"] > 0 and base["connect_rate"]:
@@ -92,15 +96,16 @@ def table(rows: list[Row]) -> str:
         out += [
             "W1 ping/pong (closed loop)",
             "",
-            "| server | app | conns | msg/s | vs base | RTT p50 ms | p90 | p99 | vs base | max | errors | client CPU | server CPU s |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| server | app | conns | msg/s | vs base | RTT p50 ms | p90 | p99 | vs base | max | errors | client CPU | server CPU | server µs/msg | vs base |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for r in w1:
             rtt = r["rtt_ms"]
             out.append(
                 f"| {r['server']} | {r['app']} | {r['connections']} | {r['messages_per_second']:,.0f} | {_ratio(r, 'throughput')} "
                 f"| {rtt['p50']:.2f} | {rtt['p90']:.2f} | {rtt['p99']:.2f} | {_ratio(r, 'p99')} | {rtt['max']:.1f} "
-                f"| {r['errors']} | {r['client_cpu_percent']:.0f}% | {r['server_cpu_seconds']:.1f} |"
+                f"| {r['errors']} | {r['client_cpu_percent']:.0f}% | {r['server_cpu_percent']:.0f}% "
+                f"| {r['server_us_per_message']:.0f} | {_ratio(r, 'cpu_per_message')} |"
             )
         out.append("")
     w2 = [row for row in rows if row["workload"] == "w2"]

@@ -30,10 +30,11 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run of a minute or so)")
     parser.add_argument("--only", default="w1,w2,w3", help="workloads to run (default w1,w2,w3)")
     parser.add_argument("--servers", default="daphne,uvicorn", help="servers for W1 and W2 (W3 is daphne)")
-    parser.add_argument("--apps", default="project,baseline,stock", help="apps for W1 and W2")
-    parser.add_argument("--w3-apps", default="project,rawfanout,stock", help="apps for W3")
+    parser.add_argument("--apps", default="project,project-layer,baseline,stock", help="apps for W1 and W2")
+    parser.add_argument("--w3-apps", default="project,project-layer,rawfanout,stock", help="apps for W3")
     parser.add_argument("--connections", default="50,1000", help="W1 connection counts")
     parser.add_argument("--duration", type=float, default=10.0, help="W1 seconds of load per case")
+    parser.add_argument("--warmup", type=float, default=2.0, help="W1 seconds of load before measuring")
     parser.add_argument("--w2-connections", type=int, default=10_000)
     parser.add_argument("--w2-servers", default="daphne", help="servers for W2 (default daphne)")
     parser.add_argument("--w3-clients", type=int, default=4_000)
@@ -41,11 +42,14 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w3-rate", type=float, default=20.0, help="broadcasts per second")
     parser.add_argument("--w3-seconds", type=float, default=5.0, help="seconds of broadcasting")
     parser.add_argument("--w3-drain", type=float, default=15.0, help="seconds to wait for late deliveries")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run every case N times, interleaved; report the median run"
+    )
     parser.add_argument("--no-redis", action="store_true", help="serve W1/W2 on the in-memory layer")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json/latest.png/logs")
     options = parser.parse_args(argv)
     if options.quick:
-        options.connections, options.duration = "20,200", 3.0
+        options.connections, options.duration, options.warmup = "20,200", 3.0, 1.0
         options.w2_connections, options.w3_clients, options.w3_seconds, options.w3_drain = 1000, 400, 2.0, 5.0
     return options
 
@@ -117,7 +121,7 @@ def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tu
                         (
                             f"W1 {server} {app} {connections} conns",
                             lambda say, cores, logs, a=app, s=server, c=connections: w1_pingpong(
-                                app=a, server=s, connections=c, duration=options.duration,
+                                app=a, server=s, connections=c, duration=options.duration, warmup=options.warmup,
                                 redis_url=w1_redis, cores=cores, log_dir=logs, say=say,
                             ),
                         )
@@ -171,6 +175,26 @@ def summary(row: dict) -> str:
     )
 
 
+def key_metric(row: dict) -> float:
+    """What the median run of a case is chosen by."""
+    if row["workload"] == "w1":
+        return row["messages_per_second"]
+    if row["workload"] == "w2":
+        return row["connect_rate"]
+    return row["latency_ms"]["p99"]
+
+
+def median_rows(runs: dict[str, list[dict]]) -> list[dict]:
+    """For each case, the run with the median key metric; every run's key metric under "runs"."""
+    chosen = []
+    for case in runs.values():
+        ordered = sorted(case, key=key_metric)
+        row = dict(ordered[(len(ordered) - 1) // 2])
+        row["runs"] = [key_metric(r) for r in case]
+        chosen.append(row)
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     options = options_parse(argv)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -188,29 +212,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     redis = redis_start(cores=server_cores, log_dir=logs)
     redis_url = f"redis://127.0.0.1:{redis.port}/0" if redis else None
-    rows: list[dict] = []
+    runs: dict[str, list[dict]] = {}
+    failures: list[str] = []
     began = time.monotonic()
     try:
         plan = steps_plan(options, redis_url=redis_url)
-        progress = Progress(len(plan))
-        for label, call in plan:
-            progress.begin(label)
-            try:
-                row = call(progress.say, server_cores, logs)
-            except Exception as error:  # one failed case must not lose the others
-                progress.end(f"FAILED: {type(error).__name__}: {error}")
-                rows.append({"workload": label.split()[0].lower(), "label": label, "failed_with": str(error)})
-                continue
-            row["channel_layer"] = (
-                "redis pub/sub" if (redis_url and not options.no_redis) or row["workload"] == "w3" else "in-memory"
-            )
-            rows.append(row)
-            progress.end(summary(row))
-            report.json_write(options.out / "latest.json", rows=[r for r in rows if "failed_with" not in r], meta=meta)
+        progress = Progress(len(plan) * options.repeat)
+        for _ in range(options.repeat):
+            for label, call in plan:
+                progress.begin(label)
+                try:
+                    row = call(progress.say, server_cores, logs)
+                except Exception as error:  # one failed case must not lose the others
+                    progress.end(f"FAILED: {type(error).__name__}: {error}")
+                    failures.append(f"{label}: {type(error).__name__}: {error}")
+                    continue
+                uses_redis = (redis_url and not options.no_redis) or row["workload"] == "w3"
+                row["channel_layer"] = "redis pub/sub" if uses_redis else "in-memory"
+                runs.setdefault(label, []).append(row)
+                progress.end(summary(row))
+                report.json_write(options.out / "latest.json", rows=median_rows(runs), meta=meta)
     finally:
         if redis is not None:
             redis.stop()
-    good = [row for row in rows if "failed_with" not in row]
+    good = median_rows(runs)
+    meta["failures"] = failures
     report.ratios_add(good)
     meta["seconds"] = round(time.monotonic() - began, 1)
     report.json_write(options.out / "latest.json", rows=good, meta=meta)
@@ -218,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(good))
     for line in report.verdicts(good):
         print(line)
-    print(f"\n{len(good)} of {len(rows)} cases in {meta['seconds']:.0f}s; wrote {options.out / 'latest.json'}"
-          + (f" and {options.out / 'latest.png'}" if charted else ""))  # fmt: skip
-    return 0 if len(good) == len(rows) else 1
+    for failure in failures:
+        print(f"FAILED {failure}")
+    print(f"\n{len(good)} cases ({options.repeat} run(s) each), {len(failures)} failed runs, in {meta['seconds']:.0f}s; "
+          f"wrote {options.out / 'latest.json'}" + (f" and {options.out / 'latest.png'}" if charted else ""))  # fmt: skip
+    return 0 if not failures else 1
 
 
 if __name__ == "__main__":

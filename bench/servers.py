@@ -23,6 +23,8 @@ TOKEN = "bench-broadcast-token"
 #: The ASGI application of each app under test; "project" is served by `manage.py serve` on daphne.
 APPS = {
     "project": "project.asgi:application",
+    # The project with pingpong.layers' channel layer instead of channels_redis' (bench/settings_layer.py).
+    "project-layer": "project.asgi:application",
     "baseline": "bench.baseline:application",
     "stock": "bench.stock:application",
     "rawfanout": "bench.fanout:application",
@@ -142,11 +144,15 @@ def healthy(port: int) -> bool:
         return False
 
 
-def server_env(*, redis_url: str | None) -> dict[str, str]:
+#: Settings module per app (default project.settings).
+SETTINGS = {"project-layer": "bench.settings_layer"}
+
+
+def server_env(*, redis_url: str | None, app: str = "project") -> dict[str, str]:
     """The same settings for every app: production mode, no rate limit, no connection cap."""
     env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
     env.update(
-        DJANGO_SETTINGS_MODULE="project.settings",
+        DJANGO_SETTINGS_MODULE=SETTINGS.get(app, "project.settings"),
         DJANGO_DEBUG="0",
         DJANGO_SECRET_KEY=SECRET,
         DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
@@ -163,7 +169,7 @@ def server_env(*, redis_url: str | None) -> dict[str, str]:
 def server_argv(*, app: str, server: str, port: int) -> list[str]:
     """The command line serving `app` on `server`; the project on daphne is `manage.py serve`."""
     if server == "daphne":
-        if app == "project":
+        if app.startswith("project"):
             return [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port)]
         return [sys.executable, "-m", "daphne", "-b", LOOPBACK, "-p", str(port), APPS[app]]
     if server == "uvicorn":
@@ -179,7 +185,7 @@ def app_start(*, app: str, server: str, redis_url: str | None, cores: set[int] |
     """Start one app on one server, pinned to `cores`, and wait until /healthz answers."""
     port = free_port()
     argv = pin_prefix(cores) + server_argv(app=app, server=server, port=port)
-    process = Process(f"{server}-{app}", argv, server_env(redis_url=redis_url), port, log_dir)
+    process = Process(f"{server}-{app}", argv, server_env(redis_url=redis_url, app=app), port, log_dir)
     return process.start(ready=lambda: healthy(port))
 
 

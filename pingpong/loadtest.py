@@ -39,7 +39,7 @@ class LoadtestError(Exception):
 class Progress:
     """A snapshot for progress bars, taken while the test runs."""
 
-    phase: str  # "connecting" or "running"
+    phase: str  # "connecting", "warming up" or "running"
     elapsed: float
     duration: float
     opened: int
@@ -313,8 +313,15 @@ async def loadtest_run(
     rate: float = 0.0,
     progress: ProgressCallback | None = None,
     probe: bool = True,
+    window: Callable[[bool], None] | None = None,
+    warmup: float = 0.0,
 ) -> LoadtestResult:
-    """Run the closed loop and measure it; LoadtestError when the target cannot be tested at all."""
+    """Run the closed loop and measure it; LoadtestError when the target cannot be tested at all.
+
+    `window(True)` / `window(False)` are called as the measurement window opens and closes,
+    so a caller can sample server counters over exactly the same interval. `warmup` seconds
+    of load run before the window opens (the server may still be finishing connection setup).
+    """
     loadtest_url(url)
     if connections < 1 or duration <= 0 or ramp_up < 0:
         raise LoadtestError("connections must be >= 1, duration > 0 and ramp-up >= 0.")
@@ -328,12 +335,15 @@ async def loadtest_run(
     started = loop.time()
     phase = "connecting"
     measuring_started = math.inf
+    connect_seconds = 0.0
 
     def report() -> None:
         if progress is None:
             return
         if phase == "connecting":
             elapsed, total = loop.time() - started, ramp_up
+        elif phase == "warming up":
+            elapsed, total = loop.time() - started - connect_seconds, warmup
         else:
             elapsed, total = loop.time() - measuring_started, duration
         progress(
@@ -356,10 +366,15 @@ async def loadtest_run(
             opened_callback=lambda ws: workers.append(asyncio.ensure_future(run.worker(ws))),
         )
         connect_seconds = loop.time() - started
+        if warmup > 0:
+            phase = "warming up"
+            await asyncio.sleep(warmup)
         phase = "running"
         measuring_started = loop.time()
         run.measuring_from = time.perf_counter()
         cpu_measuring = cpu_seconds()
+        if window is not None:
+            window(True)
         if workers:
             # Until the time is up, a wrong answer stops the run, or every connection has closed.
             stopped = asyncio.ensure_future(run.stopped.wait())
@@ -369,6 +384,8 @@ async def loadtest_run(
             finished.cancel()
         measured = min(duration, loop.time() - measuring_started)
         cpu_used = cpu_seconds() - cpu_measuring
+        if window is not None:
+            window(False)
         report()
         run.stop = True
         if workers:

@@ -23,6 +23,7 @@ def test_w1_on_the_baseline_counts_messages_and_percentiles(logs):
         server="daphne",
         connections=2,
         duration=1,
+        warmup=0,
         redis_url=None,
         cores=cpu_split()[0],
         log_dir=logs,
@@ -72,7 +73,7 @@ def test_ratios_and_verdicts_compare_the_project_with_the_baseline_of_the_same_r
 def test_a_quick_w1_run_writes_the_json_and_the_chart(tmp_path):
     code = main(
         ["--only", "w1", "--servers", "daphne", "--apps", "baseline", "--connections", "2", "--duration", "1",
-         "--no-redis", "--out", str(tmp_path)]
+         "--warmup", "0", "--no-redis", "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "latest.json").exists()

@@ -20,6 +20,7 @@ class Command(BaseCommand):
         parser.add_argument("--connections", type=int, default=10, help="connections to open (default 10)")
         parser.add_argument("--duration", type=float, default=10.0, help="seconds of load after ramp-up (default 10)")
         parser.add_argument("--ramp-up", type=float, default=0.0, help="seconds over which to open the connections")
+        parser.add_argument("--warmup", type=float, default=0.0, help="seconds of load before measuring starts")
         parser.add_argument("--origin", help="Origin header (default http://HOST:PORT from the URL)")
         parser.add_argument(
             "--rate",
@@ -46,6 +47,7 @@ class Command(BaseCommand):
                 ramp_up=options["ramp_up"],
                 origin=options["origin"],
                 rate=options["rate"],
+                warmup=options["warmup"],
                 progress=progress,
             )
         except LoadtestError as error:

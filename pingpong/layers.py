@@ -1,0 +1,132 @@
+"""A Redis pub/sub channel layer whose connections cost Redis nothing.
+
+channels_redis' `RedisPubSubChannelLayer` subscribes every consumer's own channel in Redis
+(`new_channel`) and takes its per-shard lock for every `group_add`, even for a group the
+process already subscribes to. Those calls are serialised behind the lock, one event-loop
+turn or more each, so a burst of connections on a busy node waits seconds (and the
+project's PINGPONG_LAYER_TIMEOUT turns the wait into 4013 refusals); and a group message
+is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire format and API:
+
+- consumer channels are process-local, `<process channel>!<id>`: one Redis subscription per
+  process carries direct messages for all of them, so `new_channel` makes no Redis call
+  after the first;
+- `group_add` for a group this process already subscribes to makes no Redis call;
+- a group message is decoded once; each member receives its own shallow copy.
+
+It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
+`_subscribed_to` and `_lock`), which pyproject pins below 5.
+"""
+
+import asyncio
+import uuid
+from typing import Any
+
+from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer
+from channels_redis.utils import _wrap_close
+
+#: Key that carries the target channel inside a message sent to a process channel.
+TARGET_KEY = "__pingpong_to__"
+
+
+class _LocalQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """A consumer channel's queue: holds decoded messages; raw group payloads are decoded once."""
+
+    def __init__(self, layer: "PingpongPubSubLoopLayer") -> None:
+        super().__init__()
+        self._layer = layer
+
+    def put_nowait(self, item: Any) -> None:
+        if isinstance(item, bytes):
+            item = self._layer.decode_shared(item)
+        super().put_nowait(item)
+
+
+class _ProcessRouter:
+    """Stands in the layer's channel table for the process channel: routes to local queues."""
+
+    def __init__(self, layer: "PingpongPubSubLoopLayer") -> None:
+        self._layer = layer
+
+    def put_nowait(self, data: bytes) -> None:
+        message = self._layer.channel_layer.deserialize(data)
+        target = message.pop(TARGET_KEY, None)
+        queue = self._layer.channels.get(target)
+        if isinstance(queue, _LocalQueue):
+            queue.put_nowait(message)
+
+
+class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
+    """The per-event-loop half of PingpongPubSubChannelLayer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_channel = f"{self.prefix}process.{uuid.uuid4().hex}"
+        self._process_subscribed = False
+        self._last_raw: bytes | None = None
+        self._last_message: dict[str, Any] = {}
+
+    def decode_shared(self, data: bytes) -> dict[str, Any]:
+        """Decode a group payload once however many members it is queued for; a copy each."""
+        if data is not self._last_raw:
+            self._last_message = self.channel_layer.deserialize(data)
+            self._last_raw = data
+        return dict(self._last_message)
+
+    async def _process_subscribe(self) -> None:
+        if self._process_subscribed:
+            return
+        self.channels[self.process_channel] = _ProcessRouter(self)
+        await self._get_shard(self.process_channel).subscribe(self.process_channel)
+        self._process_subscribed = True
+
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        await self._process_subscribe()
+        channel = f"{self.process_channel}!{prefix}{uuid.uuid4().hex}"
+        self.channels[channel] = _LocalQueue(self)
+        return channel
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        if "!" not in channel:
+            await super().send(channel, message)
+            return
+        process_channel = channel.split("!", 1)[0]
+        payload = {**message, TARGET_KEY: channel}
+        await self._get_shard(process_channel).publish(process_channel, self.channel_layer.serialize(payload))
+
+    async def receive(self, channel: str) -> Any:
+        if "!" not in channel:
+            return await super().receive(channel)
+        queue = self.channels.get(channel)
+        if not isinstance(queue, _LocalQueue):
+            await self._process_subscribe()
+            queue = self.channels[channel] = _LocalQueue(self)
+        try:
+            return await queue.get()
+        except (TimeoutError, asyncio.CancelledError, GeneratorExit):
+            # As in channels_redis: a cancelled receive means the consumer is leaving.
+            self.channels.pop(channel, None)
+            raise
+
+    async def group_add(self, group: str, channel: str) -> None:
+        group_channel = self._get_group_channel_name(group)
+        shard = self._get_shard(group_channel)
+        # Fast path only when no subscribe/unsubscribe is in flight: an unsubscribe of the
+        # same group holds the lock until Redis has dropped it, and then we must resubscribe.
+        if channel in self.channels and group_channel in shard._subscribed_to and not shard._lock.locked():
+            self.groups.setdefault(group_channel, set()).add(channel)
+            return
+        await super().group_add(group, channel)
+
+
+class PingpongPubSubChannelLayer(RedisPubSubChannelLayer):
+    """RedisPubSubChannelLayer with process-local consumer channels (see the module docstring)."""
+
+    def _get_layer(self) -> PingpongPubSubLoopLayer:
+        loop = asyncio.get_running_loop()
+        try:
+            return self._layers[loop]
+        except KeyError:
+            layer = PingpongPubSubLoopLayer(*self._args, **self._kwargs, channel_layer=self)
+            self._layers[loop] = layer
+            _wrap_close(self, loop)
+            return layer
