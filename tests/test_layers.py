@@ -1,0 +1,92 @@
+"""pingpong.layers.PingpongPubSubChannelLayer against a real redis-server."""
+
+import asyncio
+
+import pytest
+
+from pingpong.layers import PingpongPubSubChannelLayer
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def layers(redis_server):
+    """Two layers on one Redis: two processes' worth of channel layer."""
+    made = [PingpongPubSubChannelLayer(hosts=[redis_server.url], prefix="test") for _ in range(2)]
+    yield made
+    for layer in made:
+        await layer.flush()
+
+
+async def receive(layer, channel):
+    return await asyncio.wait_for(layer.receive(channel), 5)
+
+
+async def test_a_message_to_a_consumer_channel_arrives_through_redis(layers):
+    here, there = layers
+    channel = await here.new_channel()
+    await there.send(channel, {"type": "hello", "n": 1})
+    assert await receive(here, channel) == {"type": "hello", "n": 1}
+
+
+async def test_new_channels_share_one_redis_subscription_per_process(layers):
+    layer = layers[0]
+    first, second = await layer.new_channel(), await layer.new_channel()
+    loop_layer = layer._get_layer()
+    subscribed = set().union(*(shard._subscribed_to for shard in loop_layer._shards))
+    assert subscribed == {loop_layer.process_channel}
+    assert first.split("!")[0] == second.split("!")[0] == loop_layer.process_channel
+
+
+async def test_a_group_message_reaches_every_member_on_every_process_once(layers):
+    here, there = layers
+    members = [(here, await here.new_channel()), (here, await here.new_channel()), (there, await there.new_channel())]
+    for layer, channel in members:
+        await layer.group_add("room", channel)
+    await here.group_send("room", {"type": "broadcast.message", "event": "x"})
+    for layer, channel in members:
+        assert await receive(layer, channel) == {"type": "broadcast.message", "event": "x"}
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(here.receive(members[0][1]), 0.3)
+
+
+async def test_each_member_gets_its_own_copy_of_a_group_message(layers):
+    layer = layers[0]
+    first, second = await layer.new_channel(), await layer.new_channel()
+    for channel in (first, second):
+        await layer.group_add("room", channel)
+    await layer.group_send("room", {"type": "m", "event": "x"})
+    one = await receive(layer, first)
+    one["event"] = "changed"
+    assert (await receive(layer, second))["event"] == "x"
+
+
+async def test_a_discarded_member_gets_no_more_group_messages(layers):
+    layer = layers[0]
+    stays, leaves = await layer.new_channel(), await layer.new_channel()
+    for channel in (stays, leaves):
+        await layer.group_add("room", channel)
+    await layer.group_discard("room", leaves)
+    await layer.group_send("room", {"type": "m"})
+    assert await receive(layer, stays) == {"type": "m"}
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(leaves), 0.3)
+
+
+async def test_a_group_emptied_and_rejoined_is_subscribed_again(layers):
+    layer = layers[0]
+    first = await layer.new_channel()
+    await layer.group_add("room", first)
+    await layer.group_discard("room", first)
+    second = await layer.new_channel()
+    await layer.group_add("room", second)
+    await layer.group_send("room", {"type": "m"})
+    assert await receive(layer, second) == {"type": "m"}
+
+
+async def test_a_cancelled_receive_forgets_the_channel(layers):
+    layer = layers[0]
+    channel = await layer.new_channel()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), 0.1)
+    assert channel not in layer._get_layer().channels
