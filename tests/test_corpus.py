@@ -369,7 +369,7 @@ ROWS = [
         "close 1007 | dropped",
     ),
     Row(
-        "client close 4999 is echoed",
+        "client close 4999 is answered",
         raw_frames(frame_encode(opcode=OP_CLOSE, payload=close_payload(4999))),
         "close 4999 | close 1000",
     ),
