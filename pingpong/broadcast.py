@@ -6,7 +6,7 @@ from typing import Any
 
 from django.conf import settings
 
-from pingpong import protocol
+from pingpong import metrics, protocol
 from pingpong.layer import layer_call, layer_get
 
 
@@ -21,8 +21,12 @@ def broadcast_text_from(payload: Any) -> str:
     text = payload.get("text")
     if not isinstance(text, str):
         raise BroadcastInvalid('"text" is required and must be a string.')
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: no client could be sent it
+        raise BroadcastInvalid('"text" must be valid Unicode; it holds a lone surrogate.') from None
     limit = settings.PINGPONG_MAX_BROADCAST_BYTES
-    if len(text.encode("utf-8", "surrogatepass")) > limit:
+    if size > limit:
         raise BroadcastInvalid(f'"text" is limited to {limit} bytes of UTF-8.')
     return text
 
@@ -40,6 +44,8 @@ async def broadcast_send(*, text: str) -> dict[str, Any]:
         layer.group_send(
             protocol.BROADCAST_GROUP,
             {"type": protocol.BROADCAST_MESSAGE, "event": protocol.encode_event(event)},
-        )
+        ),
+        operation="group_send",
     )
+    metrics.BROADCASTS_SENT.inc()
     return event

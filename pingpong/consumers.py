@@ -14,7 +14,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from pingpong import protocol
+from pingpong import metrics, protocol
 from pingpong.layer import ChannelLayerUnavailable, layer_call
 from pingpong.limits import TokenBucket, text_too_big
 from pingpong.node import node
@@ -43,13 +43,15 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         self.connection_id = uuid.uuid4().hex[:12]
         self.opened_at = time.monotonic()
         self.admitted = False
+        self.counted = False
+        self.joined: list[str] = []
         self.closing = False
         self.layer_failed = False
         self.rate = TokenBucket(rate=settings.PINGPONG_RATE_PER_SECOND, burst=settings.PINGPONG_RATE_BURST)
         layer_task: asyncio.Task[None] | None = None
         if self.channel_layer is not None:
             try:
-                self.channel_name = await layer_call(self.channel_layer.new_channel())
+                self.channel_name = await layer_call(self.channel_layer.new_channel(), operation="new_channel")
             except ChannelLayerUnavailable as error:
                 logger.warning("channel layer unreachable at connect: %s", error)
                 self.layer_failed = True
@@ -100,35 +102,48 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         """Accept, then turn away with 4013 when the node is full or the layer is down."""
         await self.accept()
         if self.layer_failed:
-            await self.refuse(protocol.CLOSE_TRY_AGAIN_LATER, "unavailable", "The channel layer is unreachable; try again later.")
+            await self.refuse(
+                protocol.CLOSE_TRY_AGAIN_LATER, "unavailable", "The channel layer is unreachable; try again later."
+            )
             return
         if not node.admit(self, limit=settings.PINGPONG_MAX_CONNECTIONS):
             reason = "draining" if node.draining else "full"
+            metrics.LIMIT_HITS.labels("connections").inc()
             await self.refuse(protocol.CLOSE_TRY_AGAIN_LATER, reason, f"This node is {reason}; try again later.")
             return
         self.admitted = True
         try:
-            for group in self.groups:
-                await layer_call(self.channel_layer.group_add(group, self.channel_name))
+            if self.channel_layer is not None:
+                for group in self.groups:
+                    await layer_call(self.channel_layer.group_add(group, self.channel_name), operation="group_add")
+                    self.joined.append(group)
         except ChannelLayerUnavailable as error:
             logger.warning("channel layer unreachable at group_add: %s", error)
-            await self.refuse(protocol.CLOSE_TRY_AGAIN_LATER, "unavailable", "The channel layer is unreachable; try again later.")
+            await self.refuse(
+                protocol.CLOSE_TRY_AGAIN_LATER, "unavailable", "The channel layer is unreachable; try again later."
+            )
             return
-        logger.info(
-            "open id=%s path=%s client=%s", self.connection_id, self.scope.get("path"), self.client_ip
-        )
+        self.counted = True
+        metrics.CONNECTIONS_OPEN.inc()
+        metrics.CONNECTIONS_OPENED.labels(self.scope.get("path", "")).inc()
+        logger.info("open id=%s path=%s client=%s", self.connection_id, self.scope.get("path"), self.client_ip)
 
     async def websocket_receive(self, message: Message) -> None:
         """Enforce the size and rate limits, then hand the frame to receive_text/receive_bytes."""
         if self.closing:
             return
+        started = time.perf_counter()
         text = message.get("text")
         data = message.get("bytes") if text is None else None
         limit = settings.PINGPONG_MAX_MESSAGE_BYTES
         if (text is not None and text_too_big(text, limit)) or (data is not None and len(data) > limit):
-            await self.refuse(protocol.CLOSE_MESSAGE_TOO_BIG, "message_too_big", f"Messages are limited to {limit} bytes.")
+            metrics.LIMIT_HITS.labels("size").inc()
+            await self.refuse(
+                protocol.CLOSE_MESSAGE_TOO_BIG, "message_too_big", f"Messages are limited to {limit} bytes."
+            )
             return
         if not self.rate.take():
+            metrics.LIMIT_HITS.labels("rate").inc()
             await self.refuse(
                 protocol.CLOSE_POLICY_VIOLATION,
                 "rate_limited",
@@ -140,14 +155,17 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
             await self.receive_text(text)
         else:
             await self.receive_bytes(data or b"")
+        metrics.HANDLER_SECONDS.observe(time.perf_counter() - started)
 
     async def websocket_disconnect(self, message: Message) -> None:
         """Leave groups and the node count, log the close, stop the consumer."""
         if self.admitted:
             node.release(self)
-            for group in self.groups:
+            layer = self.channel_layer
+            for group in self.joined:
                 try:
-                    await layer_call(self.channel_layer.group_discard(group, self.channel_name))
+                    assert layer is not None  # only joined through a layer
+                    await layer_call(layer.group_discard(group, self.channel_name), operation="group_discard")
                 except ChannelLayerUnavailable as error:
                     logger.warning("group_discard failed: %s", error)
             logger.info(
@@ -158,6 +176,9 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
                 message.get("code"),
                 time.monotonic() - self.opened_at,
             )
+        if self.counted:
+            metrics.CONNECTIONS_OPEN.dec()
+            metrics.CONNECTIONS_CLOSED.labels(str(message.get("code"))).inc()
         raise StopConsumer()
 
     async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
@@ -170,6 +191,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     async def refuse(self, code: int, error: str, detail: str) -> None:
         """Explain with an error event, then close with `code`."""
         if not self.closing:
+            metrics.SENT_ERROR.inc()
             await self.send_text(protocol.error_event(error, detail))
         await self.close(code=code, reason=detail[:120])
 
@@ -196,13 +218,19 @@ class PingPongConsumer(LeanWebsocketConsumer):
 
     async def receive_text(self, text: str) -> None:
         if text == protocol.PING:
+            metrics.RECEIVED_PING.inc()
+            metrics.SENT_PONG.inc()
             await self.send_text(protocol.PONG)
             return
         if text.startswith("{"):
             answer = json_ping_answer(text)
             if answer is not None:
+                metrics.RECEIVED_JSON_PING.inc()
+                metrics.SENT_PONG.inc()
                 await self.send_text(answer)
                 return
+        metrics.RECEIVED_OTHER.inc()
+        metrics.SENT_ERROR.inc()
         await self.send_text(
             protocol.error_event(
                 protocol.ERROR_UNKNOWN_MESSAGE,
@@ -211,11 +239,15 @@ class PingPongConsumer(LeanWebsocketConsumer):
         )
 
     async def receive_bytes(self, data: bytes) -> None:
-        await self.refuse(protocol.CLOSE_UNSUPPORTED_DATA, "unsupported_data", "Binary frames are not accepted on /ws/; send text.")
+        metrics.RECEIVED_BINARY.inc()
+        await self.refuse(
+            protocol.CLOSE_UNSUPPORTED_DATA, "unsupported_data", "Binary frames are not accepted on /ws/; send text."
+        )
 
     async def broadcast_message(self, message: Message) -> None:
         """A broadcast from the group: its event was serialised once by the sender."""
         if not self.closing:
+            metrics.SENT_BROADCAST.inc()
             await self.send_text(message["event"])
 
 
@@ -223,9 +255,11 @@ class EchoConsumer(LeanWebsocketConsumer):
     """`/ws/echo/`: echoes every text and binary frame exactly, empty ones included."""
 
     async def receive_text(self, text: str) -> None:
+        metrics.SENT_ECHO.inc()
         await self.send_text(text)
 
     async def receive_bytes(self, data: bytes) -> None:
+        metrics.SENT_ECHO.inc()
         await self.base_send({"type": "websocket.send", "bytes": data})
 
 
@@ -233,8 +267,11 @@ def json_ping_answer(text: str) -> str | None:
     """The answer to a JSON ping `{"type": "ping", "id": ...}`, or None for any other text."""
     try:
         request = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter allows
         return None
     if not isinstance(request, dict) or request.get("type") != "ping":
         return None
-    return protocol.encode_event({"type": "pong", "id": request.get("id"), "server_time": time.time()})
+    # ASCII-escaped: an id holding a lone surrogate ("\ud800") goes back as sent instead of
+    # failing daphne's UTF-8 encode (UnicodeEncodeError, then 1011).
+    pong = {"type": "pong", "id": request.get("id"), "server_time": time.time()}
+    return json.dumps(pong, separators=(",", ":"))

@@ -15,6 +15,8 @@ from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from pingpong import metrics
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -34,19 +36,21 @@ def layer_get() -> BaseChannelLayer:
     return layer
 
 
-async def layer_call(awaitable: Awaitable[T], *, timeout: float | None = None) -> T:
+async def layer_call(awaitable: Awaitable[T], *, operation: str, timeout: float | None = None) -> T:
     """Await a channel-layer call, turning errors and timeouts into ChannelLayerUnavailable."""
     limit = settings.PINGPONG_LAYER_TIMEOUT if timeout is None else timeout
     try:
-        return await asyncio.wait_for(awaitable, limit)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # races with completion, leaving a consumer running after its connection is gone.
+        async with asyncio.timeout(limit):
+            return await awaitable
     except LAYER_ERRORS as error:
+        metrics.LAYER_ERRORS.labels(operation).inc()
         raise ChannelLayerUnavailable(str(error) or type(error).__name__) from error
 
 
 # One probe channel per event loop, reused, so readiness checks leave no subscriptions behind.
-_probes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, asyncio.Lock]]" = (
-    weakref.WeakKeyDictionary()
-)
+_probes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, asyncio.Lock]]" = weakref.WeakKeyDictionary()
 
 
 async def layer_roundtrip(*, timeout: float = 1.0) -> None:
@@ -66,7 +70,7 @@ async def layer_roundtrip(*, timeout: float = 1.0) -> None:
                 message = await layer.receive(channel)
 
     try:
-        await layer_call(roundtrip(), timeout=timeout)
+        await layer_call(roundtrip(), operation="roundtrip", timeout=timeout)
     except ChannelLayerUnavailable:
         # A cancelled receive may have dropped the channel's subscription: start afresh next time.
         _probes.pop(loop, None)

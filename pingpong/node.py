@@ -48,12 +48,10 @@ class Node:
             asyncio.ensure_future(connection.close(code=code))
         try:
             await asyncio.wait_for(self._empty.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         left = len(self.connections)
-        logger.info(
-            "drained %d of %d connections in %.2fs", count - left, count, time.monotonic() - started
-        )
+        logger.info("drained %d of %d connections in %.2fs", count - left, count, time.monotonic() - started)
         return left
 
 

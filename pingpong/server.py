@@ -16,10 +16,11 @@ from daphne.server import Server  # isort: skip
 from daphne import ws_protocol
 from daphne.endpoints import build_endpoint_description_strings
 from django.conf import settings
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from pingpong import protocol
 from pingpong.node import node
+from pingpong.presence import presence_start, presence_stop
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,14 @@ TRANSPORT_HEADROOM_BYTES = 4096
 
 
 class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
-    """Daphne's protocol, but sends empty text and binary frames instead of dropping them."""
+    """Daphne's protocol, but sends empty text and binary frames instead of dropping them,
+    and fails a broken connection with a close frame instead of a bare TCP drop."""
+
+    def _connectionMade(self) -> None:
+        super()._connectionMade()
+        # Autobahn's default (failByDrop) drops TCP on a protocol error, so clients see 1006;
+        # RFC 6455 7.1.7 says SHOULD send the close frame: 1002, 1007 or 1009 with a reason.
+        self.failByDrop = False
 
     def handle_reply(self, message: dict[str, Any]) -> None:
         if message.get("type") == "websocket.send" and self.state != self.STATE_CONNECTING:
@@ -49,7 +57,14 @@ class PingpongServer(Server):
 
     def run(self) -> None:
         ws_protocol.WebSocketFactory.protocol = ExactWebSocketProtocol
+        reactor.callLater(0, presence_start)  # type: ignore[arg-type]  # publish this node's count from boot
         super().run()
+
+    def listen_success(self, port: Any) -> None:
+        # Twisted's HTTP idle timeout is 12 hours: a client that never finishes its request or
+        # handshake would hold a socket that long. Established websockets are not affected.
+        self.http_factory.timeOut = settings.PINGPONG_HTTP_IDLE_TIMEOUT
+        super().listen_success(port)
 
     def kill_all_applications(self) -> defer.Deferred:
         drained = defer.Deferred.fromFuture(
@@ -57,6 +72,7 @@ class PingpongServer(Server):
                 node.drain(code=protocol.CLOSE_SERVICE_RESTART, timeout=settings.PINGPONG_DRAIN_SECONDS)
             )
         )
+        drained.addBoth(lambda _: defer.Deferred.fromFuture(asyncio.ensure_future(presence_stop())))
         drained.addBoth(lambda _: Server.kill_all_applications(self))
         return drained
 

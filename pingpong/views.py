@@ -4,6 +4,7 @@ import hmac
 import json
 from typing import Any
 
+import prometheus_client
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -39,6 +40,11 @@ def index(request: HttpRequest) -> HttpResponse:
 def healthz(request: HttpRequest) -> JsonResponse:
     """Liveness: the process answers HTTP. Never touches Redis."""
     return JsonResponse({"status": "ok"})
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus metrics of this node; the load balancer does not expose this path."""
+    return HttpResponse(prometheus_client.generate_latest(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def readyz(request: HttpRequest) -> JsonResponse:

@@ -15,9 +15,7 @@ DEBUG = env_bool("DJANGO_DEBUG", True)
 
 _DEV_SECRET = "django-insecure-local-development-only-do-not-deploy"
 SECRET_KEY = env_str("DJANGO_SECRET_KEY", _DEV_SECRET if DEBUG else "")
-if not DEBUG and (
-    len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5 or SECRET_KEY.startswith("django-insecure")
-):
+if not DEBUG and (len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5 or SECRET_KEY.startswith("django-insecure")):
     # One sentence instead of a traceback: this is the first thing an operator sees.
     sys.exit(
         "pingpong: refusing to start with DJANGO_DEBUG off: set DJANGO_SECRET_KEY to a random "
@@ -119,6 +117,9 @@ PINGPONG_DRAIN_SECONDS = env_float("PINGPONG_DRAIN_SECONDS", 10.0)
 PINGPONG_PING_INTERVAL = env_float("PINGPONG_PING_INTERVAL", 20.0, minimum=1.0)
 PINGPONG_PING_TIMEOUT = env_float("PINGPONG_PING_TIMEOUT", 20.0, minimum=1.0)
 PINGPONG_PROXY_HEADER = env_str("PINGPONG_PROXY_HEADER")
+# Seconds an HTTP connection may sit idle or mid-request (a stalled handshake); above the load
+# balancer's keep-alive idle timeout (60 s on most) so it never closes a connection the LB reuses.
+PINGPONG_HTTP_IDLE_TIMEOUT = env_float("PINGPONG_HTTP_IDLE_TIMEOUT", 75.0, minimum=1.0)
 PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", 2.0, minimum=0.1)
 
 LOG_FORMAT = env_str("PINGPONG_LOG_FORMAT", "text")

@@ -61,7 +61,11 @@ async def test_binary_frame_closes_with_4003(client):
     await client.send_to(bytes_data=b"ping")
     event = json.loads(await client.receive_from())
     assert event["error"] == "unsupported_data"
-    assert await client.receive_output() == {"type": "websocket.close", "code": protocol.CLOSE_UNSUPPORTED_DATA, "reason": event["detail"]}
+    assert await client.receive_output() == {
+        "type": "websocket.close",
+        "code": protocol.CLOSE_UNSUPPORTED_DATA,
+        "reason": event["detail"],
+    }
 
 
 @pytest.mark.parametrize(

@@ -285,15 +285,6 @@ def deep_json(depth: int) -> str:
 PROTOCOL_ERROR = "close 1002 | dropped"
 
 
-def known_bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-SURROGATE_BUG = known_bug(
-    "a lone surrogate reaches daphne's text.encode('utf8'): UnicodeEncodeError, traceback "
-    "(and 1011 on the JSON ping); see the report for the fix in pingpong/"
-)
-
 ROWS = [
     # The handshake.
     Row("version 99", raw_handshake(version="99"), "http 400"),
@@ -319,13 +310,7 @@ ROWS = [
     ),
     Row("plain HTTP GET on /ws/", http_plain("/ws/"), "http 404"),
     Row("slow handshake, 2 s", slow_handshake(seconds=2, pieces=8), "http 101, pong!"),
-    pytest.param(
-        Row("stalled handshake", stalled_handshake(wait=HTTP_IDLE_TIMEOUT + 3), "dropped"),
-        marks=known_bug(
-            "Twisted's HTTP idle timeout is 12 hours, so a client that never finishes its "
-            "handshake holds a socket that long; see the report for PINGPONG_HTTP_IDLE_TIMEOUT"
-        ),
-    ),
+    Row("stalled handshake", stalled_handshake(wait=HTTP_IDLE_TIMEOUT + 3), "dropped"),
     # Framing.
     Row("unmasked client frame", raw_frames(frame_encode(opcode=OP_TEXT, payload=b"ping", mask=False)), PROTOCOL_ERROR),
     Row("RSV1 without deflate", raw_frames(frame_encode(opcode=OP_TEXT, payload=b"ping", rsv=4)), PROTOCOL_ERROR),
@@ -416,23 +401,15 @@ ROWS = [
     Row("truncated JSON ping", ws_texts('{"type": "ping", "id": '), "error unknown_message, open"),
     Row("JSON array", ws_texts('[{"type": "ping"}]'), "error unknown_message, open"),
     Row("JSON ping with an object id", ws_texts('{"type": "ping", "id": {"a": [1, null]}}'), "pong, open"),
-    pytest.param(
-        Row(
-            "JSON ping with a lone surrogate id",
-            ws_texts('{"type": "ping", "id": "\\ud800"}'),
-            "pong, open | error bad_request, open | error unknown_message, open",
-        ),
-        marks=SURROGATE_BUG,
+    Row(
+        "JSON ping with a lone surrogate id",
+        ws_texts('{"type": "ping", "id": "\\ud800"}'),
+        "pong, open",
     ),
-    pytest.param(
-        Row(
-            "JSON nested past the recursion limit",
-            ws_texts('{"a":' + "[" * (MAX_MESSAGE_BYTES - 5)),
-            "error unknown_message, open | error bad_request, open",
-        ),
-        marks=known_bug(
-            "json.loads raises RecursionError, which json_ping_answer does not catch: 1011 and a traceback"
-        ),
+    Row(
+        "JSON nested past the recursion limit",
+        ws_texts('{"a":' + "[" * (MAX_MESSAGE_BYTES - 5)),
+        "error unknown_message, open",
     ),
     Row("text at the app limit", ws_texts("x" * MAX_MESSAGE_BYTES), "error unknown_message, open"),
     Row(
@@ -476,7 +453,7 @@ ROWS = [
         "http 400",
     ),
     Row("broadcast: 1 MB body", api(body=b'{"text": "' + b"x" * 1_000_000 + b'"}'), "http 413"),
-    pytest.param(Row("broadcast: lone surrogate", api_broadcast("\ud800"), "http 400"), marks=SURROGATE_BUG),
+    Row("broadcast: lone surrogate", api_broadcast("\ud800"), "http 400"),
     Row("broadcast: GET", api(method="GET"), "http 405"),
     Row("broadcast: PUT", api(method="PUT", body=b'{"text": "hi"}'), "http 405"),
     Row("broadcast: DELETE", api(method="DELETE"), "http 405"),
@@ -552,11 +529,6 @@ def test_hostile_input_gets_its_stated_outcome_and_harms_no_one(row: Row, node: 
     assert row.accepts(observed), f"{row.name}: expected {row.expected!r}, observed {observed!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="autobahn's failByDrop default drops TCP on a protocol error (clients see 1006); "
-    "see the report for the one-line fix in pingpong/server.py",
-)
 @pytest.mark.parametrize(
     ("frame", "code"),
     [

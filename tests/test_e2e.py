@@ -1,10 +1,10 @@
 """End to end over TCP: real daphne processes (embedded layer) and a real websocket client."""
 
 import asyncio
-import signal
-import socket
 import base64
 import os
+import signal
+import socket
 
 import pytest
 from websockets.exceptions import InvalidStatus

@@ -135,9 +135,7 @@ async def test_stats_on_either_node_shows_the_cluster_total_and_each_node(cluste
     expected = {"connections": 3, "nodes": {"node-a": 2, "node-b": 1}}
     try:
         # The first /api/stats call on a node starts its refresher, so ask both.
-        seen = await asyncio.gather(
-            stats_until(node_a, expected, within=10), stats_until(node_b, expected, within=10)
-        )
+        seen = await asyncio.gather(stats_until(node_a, expected, within=10), stats_until(node_b, expected, within=10))
         assert seen == [expected, expected]
     finally:
         await close_all(clients)

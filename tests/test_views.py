@@ -81,13 +81,28 @@ async def test_broadcast_without_the_right_token_is_401(api, token):
 
 
 async def test_broadcast_with_another_auth_scheme_is_401(api):
-    response = await api.post("/api/broadcast", data={"text": "x"}, content_type="application/json", headers={"Authorization": f"Basic {TOKEN}"})
+    response = await api.post(
+        "/api/broadcast",
+        data={"text": "x"},
+        content_type="application/json",
+        headers={"Authorization": f"Basic {TOKEN}"},
+    )
     assert response.status_code == 401
 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"{not json", b"", b"\xff\xfe", b'"just a string"', b"[]", b"{}", b'{"text": 5}', b'{"text": null}', b"[" * 100000],
+    [
+        b"{not json",
+        b"",
+        b"\xff\xfe",
+        b'"just a string"',
+        b"[]",
+        b"{}",
+        b'{"text": 5}',
+        b'{"text": null}',
+        b"[" * 100000,
+    ],
     ids=["bad-json", "empty", "not-utf8", "string", "array", "no-text", "number", "null", "deeply-nested"],
 )
 async def test_broadcast_with_a_bad_body_is_400(api, raw):

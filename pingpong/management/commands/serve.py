@@ -16,11 +16,10 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from pingpong.server import server_build  # installs the asyncio reactor first
-
         from channels.routing import get_default_application
-
         from django.conf import settings
+
+        from pingpong.server import server_build  # installs the asyncio reactor first
 
         server = server_build(
             application=get_default_application(),
