@@ -48,7 +48,7 @@ class PresenceUnavailable(Exception):
 
 def presence_node_id() -> str:
     """This process's name in the cluster: PINGPONG_NODE_ID, else `<hostname>-<pid>`."""
-    return os.environ.get("PINGPONG_NODE_ID") or f"{socket.gethostname()}-{os.getpid()}"
+    return settings.PINGPONG_NODE_ID or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def presence_prefix() -> str:

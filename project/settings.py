@@ -59,7 +59,8 @@ USE_I18N = False
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Set where `collectstatic` runs (the Docker image); unset, WhiteNoise serves from the app directories.
+STATIC_ROOT = env_str("DJANGO_STATIC_ROOT") or None
 # WhiteNoise serves app static files straight from the finders, so no collectstatic
 # step is needed for `make run`; the Docker image still collects them once.
 WHITENOISE_USE_FINDERS = True
@@ -120,6 +121,7 @@ PINGPONG_PROXY_HEADER = env_str("PINGPONG_PROXY_HEADER")
 # Seconds an HTTP connection may sit idle or mid-request (a stalled handshake); above the load
 # balancer's keep-alive idle timeout (60 s on most) so it never closes a connection the LB reuses.
 PINGPONG_HTTP_IDLE_TIMEOUT = env_float("PINGPONG_HTTP_IDLE_TIMEOUT", 75.0, minimum=1.0)
+PINGPONG_NODE_ID = env_str("PINGPONG_NODE_ID")  # empty: <hostname>-<pid>
 PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", 2.0, minimum=0.1)
 
 LOG_FORMAT = env_str("PINGPONG_LOG_FORMAT", "text")

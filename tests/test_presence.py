@@ -58,13 +58,13 @@ async def redis_client(redis_server) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def test_node_id_is_the_env_override_when_set(monkeypatch):
-    monkeypatch.setenv("PINGPONG_NODE_ID", "web-7")
+def test_node_id_is_the_setting_when_set(settings):
+    settings.PINGPONG_NODE_ID = "web-7"
     assert presence.presence_node_id() == "web-7"
 
 
-def test_node_id_defaults_to_hostname_and_pid(monkeypatch):
-    monkeypatch.delenv("PINGPONG_NODE_ID", raising=False)
+def test_node_id_defaults_to_hostname_and_pid(settings):
+    settings.PINGPONG_NODE_ID = ""
     assert presence.presence_node_id().endswith(f"-{os.getpid()}")
 
 
@@ -81,9 +81,9 @@ async def test_stats_rejects_post_with_405():
     assert response.status_code == 405
 
 
-async def test_stats_without_redis_is_this_process_alone(monkeypatch, settings):
+async def test_stats_without_redis_is_this_process_alone(settings):
     settings.REDIS_URL = ""
-    monkeypatch.setenv("PINGPONG_NODE_ID", "solo")
+    settings.PINGPONG_NODE_ID = "solo"
     body = (await AsyncClient().get("/api/stats")).json()
     assert body == {"connections": body["nodes"]["solo"], "nodes": {"solo": body["nodes"]["solo"]}}
 
