@@ -17,6 +17,7 @@ from django.conf import settings
 from pingpong import metrics, protocol
 from pingpong.layer import ChannelLayerUnavailable, layer_call
 from pingpong.limits import TokenBucket, text_too_big
+from pingpong.logs import log_event
 from pingpong.node import node
 
 logger = logging.getLogger("pingpong.connections")
@@ -126,7 +127,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         self.counted = True
         metrics.CONNECTIONS_OPEN.inc()
         metrics.CONNECTIONS_OPENED.labels(self.scope.get("path", "")).inc()
-        logger.info("open id=%s path=%s client=%s", self.connection_id, self.scope.get("path"), self.client_ip)
+        log_event(logger, "open", id=self.connection_id, path=self.scope.get("path"), client=self.client_ip)
 
     async def websocket_receive(self, message: Message) -> None:
         """Enforce the size and rate limits, then hand the frame to receive_text/receive_bytes."""
@@ -168,13 +169,14 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
                     await layer_call(layer.group_discard(group, self.channel_name), operation="group_discard")
                 except ChannelLayerUnavailable as error:
                     logger.warning("group_discard failed: %s", error)
-            logger.info(
-                "close id=%s path=%s client=%s code=%s duration=%.3fs",
-                self.connection_id,
-                self.scope.get("path"),
-                self.client_ip,
-                message.get("code"),
-                time.monotonic() - self.opened_at,
+            log_event(
+                logger,
+                "close",
+                id=self.connection_id,
+                path=self.scope.get("path"),
+                client=self.client_ip,
+                code=message.get("code"),
+                duration=round(time.monotonic() - self.opened_at, 3),
             )
         if self.counted:
             metrics.CONNECTIONS_OPEN.dec()

@@ -8,7 +8,7 @@ from redis.exceptions import RedisError
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+    """One JSON object per line: time, level, logger, message, structured fields, exception."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
@@ -17,9 +17,16 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def log_event(logger: logging.Logger, event: str, **fields: object) -> None:
+    """Log `event key=value ...` as text; JSON logs carry `event` and each field as its own key."""
+    text = " ".join([event, *(f"{key}={value}" for key, value in fields.items())])
+    logger.info(text, extra={"fields": {"event": event, **fields}})
 
 
 class BriefConnectionErrors(logging.Filter):

@@ -59,6 +59,16 @@ async def test_message_over_daphne_limit_is_answered_by_the_app_with_4009(daphne
         assert await close_code(ws) == protocol.CLOSE_MESSAGE_TOO_BIG
 
 
+async def test_connection_over_the_node_cap_is_closed_with_4013_and_the_first_keeps_working(daphne_nodes):
+    node = daphne_nodes({"PINGPONG_MAX_CONNECTIONS": "1"})
+    async with await ws_connect(node.ws) as first:
+        assert await ping_pong(first) == "pong!"
+        async with await ws_connect(node.ws) as second:
+            assert (await next_event(second))["error"] == "full"
+            assert await close_code(second) == protocol.CLOSE_TRY_AGAIN_LATER
+        assert await ping_pong(first) == "pong!"
+
+
 def silent_websocket(port: int) -> socket.socket:
     """A raw client that completes the handshake, then never reads or answers anything."""
     sock = socket.create_connection((LOOPBACK, port), timeout=5)

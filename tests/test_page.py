@@ -142,3 +142,17 @@ def test_page_reconnects_when_a_killed_server_returns_on_the_same_port(page, dap
     broadcast(returned, "after the restart")
     expect(page.locator("#broadcasts li").first).to_contain_text("after the restart")
     page.screenshot(path=ARTIFACTS / "page.png", full_page=True)
+
+
+def test_page_stops_reconnecting_after_a_terminal_close_code(page, daphne_nodes):
+    from playwright.sync_api import expect
+
+    node = daphne_nodes(env=NODE_ENV)
+    page.goto(f"{node.http}/")
+    page.wait_for_function("window.pingpong.state === 'open'")
+    page.evaluate("window.pingpong.socket.send(new Uint8Array([1, 2, 3]))")  # binary: closed with 4003
+    expect(page.locator("#state")).to_have_attribute("data-state", "stopped")
+    assert page.evaluate("window.pingpong.lastClose") == 4003
+    page.wait_for_timeout(2_000)  # longer than the first backoff step could be
+    assert page.evaluate("window.pingpong.reconnects") == 0
+    expect(page.locator("#state")).to_have_attribute("data-state", "stopped")

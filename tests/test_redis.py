@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import pytest
+from channels_redis.pubsub import RedisPubSubChannelLayer
 
 from pingpong import protocol
 from tests.processes import http_request, manage, wait_until
@@ -126,3 +127,18 @@ async def test_new_connection_while_redis_is_down_is_told_to_try_again_later(red
         assert event["error"] == "unavailable"
         await asyncio.sleep(0)
     assert ws.close_code == protocol.CLOSE_TRY_AGAIN_LATER
+
+
+async def test_channel_layer_message_of_unknown_type_is_logged_and_dropped(redis_server, daphne_nodes):
+    node = daphne_nodes(redis_env(redis_server))
+    async with await ws_connect(node.ws) as ws:
+        assert await ping_pong(ws) == "pong!"
+        layer = RedisPubSubChannelLayer(hosts=[redis_server.url], prefix="pingpong")
+        await layer.group_send(protocol.BROADCAST_GROUP, {"type": "no.such.handler"})
+        await layer.group_send(protocol.BROADCAST_GROUP, {"type": "websocket.disconnect", "code": 1000})
+        await layer.flush()
+        await asyncio.to_thread(
+            wait_until, lambda: "posing as 'websocket.disconnect'" in node.output(), timeout=5, what="the drop log"
+        )
+        assert await ping_pong(ws) == "pong!"
+    assert "dropped message of unknown type 'no.such.handler'" in node.output()

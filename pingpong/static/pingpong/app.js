@@ -30,7 +30,7 @@
   function connect() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     setState("connecting");
-    socket = new WebSocket(scheme + "//" + location.host + config.ws_path);
+    socket = page.socket = new WebSocket(scheme + "//" + location.host + config.ws_path);
     socket.onopen = function () {
       attempt = 0;
       setState("open");
