@@ -103,9 +103,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         """Accept, then turn away with 4013 when the node is full or the layer is down."""
         await self.accept()
         if self.layer_failed:
-            await self.refuse(
-                protocol.CLOSE_TRY_AGAIN_LATER, "unavailable", "The channel layer is unreachable; try again later."
-            )
+            await self.refuse_unavailable()
             return
         if not node.admit(self, limit=settings.PINGPONG_MAX_CONNECTIONS):
             reason = "draining" if node.draining else "full"
@@ -120,9 +118,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
                     self.joined.append(group)
         except ChannelLayerUnavailable as error:
             logger.warning("channel layer unreachable at group_add: %s", error)
-            await self.refuse(
-                protocol.CLOSE_TRY_AGAIN_LATER, "unavailable", "The channel layer is unreachable; try again later."
-            )
+            await self.refuse_unavailable()
             return
         self.counted = True
         metrics.CONNECTIONS_OPEN.inc()
@@ -196,6 +192,12 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
             metrics.SENT_ERROR.inc()
             await self.send_text(protocol.error_event(error, detail))
         await self.close(code=code, reason=detail[:120])
+
+    async def refuse_unavailable(self) -> None:
+        """Close with 4013: without the channel layer this connection would miss broadcasts."""
+        await self.refuse(
+            protocol.CLOSE_TRY_AGAIN_LATER, "unavailable", "The channel layer is unreachable; try again later."
+        )
 
     async def send_text(self, text: str) -> None:
         """Send one text frame."""

@@ -96,30 +96,26 @@ def compose_command() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def test_compose_config_validates_where_docker_compose_exists():
+def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`docker compose config` on the project's file, or a skip where compose is not installed."""
     command = compose_command()
     if command is None:
         pytest.skip("docker compose is not installed (the file is still checked by the tests above)")
-    result = subprocess.run(
+    return subprocess.run(
         [*command, "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
         capture_output=True,
         text=True,
-        env={"DJANGO_SECRET_KEY": "x" * 50, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", **env},
         timeout=60,
     )
+
+
+def test_compose_config_validates_where_docker_compose_exists():
+    result = compose_config({"DJANGO_SECRET_KEY": "x" * 50})
     assert result.returncode == 0, result.stderr
 
 
 def test_compose_refuses_to_start_without_a_secret():
-    command = compose_command()
-    if command is None:
-        pytest.skip("docker compose is not installed")
-    result = subprocess.run(
-        [*command, "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
-        timeout=60,
-    )
+    result = compose_config({})
     assert result.returncode != 0
     assert "DJANGO_SECRET_KEY" in result.stderr
