@@ -2,36 +2,43 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+DEV := $(VENV)/.installed-dev
 
-.PHONY: run test lint format bench check-deploy clean
+.PHONY: run test lint format bench clean
 
-$(STAMP): pyproject.toml
+# The service's own dependencies: all `make run` needs.
+$(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(BASE)
+
+# Plus test, lint and benchmark tools.
+$(DEV): $(BASE)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	touch $(STAMP)
+	touch $(DEV)
 
 ## run: serve http://127.0.0.1:8000 with daphne and the embedded channel layer
-run: $(STAMP)
+run: $(BASE)
 	$(BIN)/python manage.py serve --host 127.0.0.1 --port 8000
 
 ## test: the whole suite (Redis and browser tests skip without redis-server / chromium unless required)
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest
 
 ## lint: ruff (lint + format check) and mypy
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy pingpong project
 
-format: $(STAMP)
+format: $(DEV)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 ## bench: the side-by-side benchmark (see bench/README.md)
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python -m bench.run
 
 clean:
