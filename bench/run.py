@@ -5,6 +5,7 @@ there are two or more); results go to bench/results/ (latest.json, latest.png, l
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -47,6 +48,7 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-redis", action="store_true", help="serve W1/W2 on the in-memory layer")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json/latest.png/logs")
+    parser.add_argument("--render", type=Path, help="print the table of a saved latest.json and redraw its chart")
     options = parser.parse_args(argv)
     if options.quick:
         options.connections, options.duration, options.warmup = "20,200", 3.0, 1.0
@@ -170,7 +172,8 @@ def summary(row: dict) -> str:
         )
     lat = row["latency_ms"]
     return (
-        f"{row['delivered']:,}/{row['expected']:,} delivered ({row['delivered_percent']}%), "
+        f"{row['accepted']}/{row['broadcasts']} accepted, {row['delivered']:,}/{row['expected']:,} delivered "
+        f"({row['delivered_percent']}%), "
         f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms"
     )
 
@@ -195,8 +198,23 @@ def median_rows(runs: dict[str, list[dict]]) -> list[dict]:
     return chosen
 
 
+def render(path: Path) -> int:
+    """Table, verdicts and chart of a saved run, with the current report code."""
+    saved = json.loads(path.read_text())
+    rows = saved["rows"]
+    report.ratios_add(rows)
+    report.chart_write(path.with_suffix(".png"), rows)
+    print(f"{saved['meta']['command']}  ({saved['meta'].get('seconds', '?')} s)\n")
+    print(report.table(rows))
+    for line in report.verdicts(rows):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     options = options_parse(argv)
+    if options.render:
+        return render(options.render)
     options.out.mkdir(parents=True, exist_ok=True)
     logs = options.out / "logs"
     server_cores, client_cores = cpu_split()

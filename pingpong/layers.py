@@ -11,7 +11,8 @@ is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire for
   process carries direct messages for all of them, so `new_channel` makes no Redis call
   after the first;
 - `group_add` for a group this process already subscribes to makes no Redis call;
-- a group message is decoded once; each member receives its own shallow copy.
+- a group message is decoded once; each member receives its own shallow copy;
+- publishing (send, group_send) does not wait for the shard's subscribe lock.
 
 It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
 `_subscribed_to` and `_lock`), which pyproject pins below 5.
@@ -85,13 +86,27 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         self.channels[channel] = _LocalQueue(self)
         return channel
 
+    async def _publish(self, channel: str, data: bytes) -> None:
+        """Publish without the shard lock, which only needs to order (un)subscribes.
+
+        redis-py's pool serves concurrent commands; behind the lock, a broadcast on a busy
+        node queued for seconds and the API answered 503.
+        """
+        shard = self._get_shard(channel)
+        shard._ensure_redis()
+        await shard._redis.publish(channel, data)
+
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         if "!" not in channel:
-            await super().send(channel, message)
+            await self._publish(channel, self.channel_layer.serialize(message))
             return
         process_channel = channel.split("!", 1)[0]
         payload = {**message, TARGET_KEY: channel}
-        await self._get_shard(process_channel).publish(process_channel, self.channel_layer.serialize(payload))
+        await self._publish(process_channel, self.channel_layer.serialize(payload))
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        group_channel = self._get_group_channel_name(group)
+        await self._publish(group_channel, self.channel_layer.serialize(message))
 
     async def receive(self, channel: str) -> Any:
         if "!" not in channel:
