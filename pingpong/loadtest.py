@@ -181,6 +181,16 @@ def wrong_answer(answer: str) -> LoadtestError:
     )
 
 
+async def explanation_before_close(ws: ClientConnection) -> str | None:
+    """An error event the server sent before closing, still queued on the connection, if any."""
+    try:
+        async with asyncio.timeout(1):
+            frame = await ws.recv()
+    except (ConnectionClosed, TimeoutError):
+        return None
+    return frame if isinstance(frame, str) and frame.startswith('{"type":"error"') else None
+
+
 async def loadtest_probe(url: str, *, origin: str) -> None:
     """Open one connection and ping once, so a wrong URL or server fails with one clear sentence."""
     try:
@@ -190,12 +200,21 @@ async def loadtest_probe(url: str, *, origin: str) -> None:
     try:
         answer = await ping_answer(ws)
     except ConnectionClosed as closed:
+        explained = await explanation_before_close(ws)
+        if explained is not None:
+            raise LoadtestError(f"the server refused the first connection: {explained}") from None
         code = closed.rcvd.code if closed.rcvd else 1006
-        raise LoadtestError(f"the server closed the connection with code {code} instead of answering 'ping'.") from None
+        reason = f" ({closed.rcvd.reason})" if closed.rcvd and closed.rcvd.reason else ""
+        raise LoadtestError(
+            f"the server closed the connection with code {code}{reason} instead of answering 'ping'."
+        ) from None
     except TimeoutError:
         raise LoadtestError(f"the server did not answer 'ping' within {ANSWER_TIMEOUT:g}s.") from None
     finally:
         await ws.close()
+    if answer.startswith('{"type":"error"'):
+        # The node explained a refusal (full, draining, layer down) before closing.
+        raise LoadtestError(f"the server refused the first connection: {answer}")
     if answer != protocol.PONG:
         raise wrong_answer(answer)
 

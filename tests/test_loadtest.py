@@ -1,11 +1,13 @@
 """The `loadtest` command against a real daphne node: results, JSON, and one-line errors."""
 
+import asyncio
 import json
 
 import pytest
 
 from pingpong.loadtest import LoadtestError, loadtest_url, origin_for, percentiles
 from tests.processes import free_port, manage
+from tests.wsclient import ws_connect
 
 # The node under load must not rate-limit the closed loop.
 UNLIMITED = {"PINGPONG_RATE_PER_SECOND": "0"}
@@ -51,6 +53,16 @@ def test_a_server_that_answers_something_else_is_one_line_error(node):
     assert run.returncode != 0
     assert "instead of 'pong!'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+async def test_a_full_node_is_reported_with_its_own_explanation(daphne_nodes):
+    full = daphne_nodes(env={"PINGPONG_MAX_CONNECTIONS": "1"})
+    async with await ws_connect(full.ws):  # takes the only place
+        run = await asyncio.to_thread(loadtest, full.ws, "--duration", "1")
+    assert run.returncode != 0
+    # Either the error event or the close frame arrives first; both name the reason.
+    assert "refused the first connection" in run.stderr or "code 4013" in run.stderr
+    assert "full" in run.stderr
 
 
 def test_a_refused_connection_is_one_line_error():
