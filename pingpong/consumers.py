@@ -49,6 +49,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         self.closing = False
         self.layer_failed = False
         self.rate = TokenBucket(rate=settings.PINGPONG_RATE_PER_SECOND, burst=settings.PINGPONG_RATE_BURST)
+        self.max_message_bytes = settings.PINGPONG_MAX_MESSAGE_BYTES  # read once: settings lookups cost per message
         layer_task: asyncio.Task[None] | None = None
         if self.channel_layer is not None:
             try:
@@ -90,6 +91,9 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
 
     async def dispatch(self, message: Message) -> None:
         """Call the handler for the message type; log and drop types we have no handler for."""
+        if message.get("type") == "websocket.receive":  # the per-message case, without the name lookup
+            await self.websocket_receive(message)
+            return
         try:
             handler = getattr(self, get_handler_name(message), None)
         except ValueError:
@@ -132,7 +136,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         started = time.perf_counter()
         text = message.get("text")
         data = message.get("bytes") if text is None else None
-        limit = settings.PINGPONG_MAX_MESSAGE_BYTES
+        limit = self.max_message_bytes
         if (text is not None and text_too_big(text, limit)) or (data is not None and len(data) > limit):
             metrics.LIMIT_HITS.labels("size").inc()
             await self.refuse(
