@@ -23,8 +23,8 @@ TOKEN = "bench-broadcast-token"
 #: The ASGI application of each app under test; "project" is served by `manage.py serve` on daphne.
 APPS = {
     "project": "project.asgi:application",
-    # The project with pingpong.layers' channel layer instead of channels_redis' (bench/settings_layer.py).
-    "project-layer": "project.asgi:application",
+    # The project with channels_redis' RedisPubSubChannelLayer instead of its own (bench/settings_channels_redis.py).
+    "project-channels-redis": "project.asgi:application",
     "baseline": "bench.baseline:application",
     "stock": "bench.stock:application",
     "rawfanout": "bench.fanout:application",
@@ -145,7 +145,7 @@ def healthy(port: int) -> bool:
 
 
 #: Settings module per app (default project.settings).
-SETTINGS = {"project-layer": "bench.settings_layer"}
+SETTINGS = {"project-channels-redis": "bench.settings_channels_redis"}
 
 
 def server_env(*, redis_url: str | None, app: str = "project") -> dict[str, str]:

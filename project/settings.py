@@ -90,7 +90,7 @@ REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": "pingpong.layers.PingpongPubSubChannelLayer",
             "CONFIG": {
                 "hosts": [
                     {

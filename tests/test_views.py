@@ -23,7 +23,7 @@ def unreachable_redis(settings):
     """The Redis channel layer pointed at a loopback port nothing listens on."""
     settings.CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": "pingpong.layers.PingpongPubSubChannelLayer",
             "CONFIG": {"hosts": [{"address": f"redis://127.0.0.1:{free_port()}/0", "socket_connect_timeout": 0.5}]},
         }
     }
