@@ -122,6 +122,11 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
             self.channels.pop(channel, None)
             raise
 
+    async def flush(self) -> None:
+        # The base flush forgets every channel, the process router included: subscribe it anew.
+        self._process_subscribed = False
+        await super().flush()
+
     async def group_add(self, group: str, channel: str) -> None:
         group_channel = self._get_group_channel_name(group)
         shard = self._get_shard(group_channel)

@@ -90,3 +90,12 @@ async def test_a_cancelled_receive_forgets_the_channel(layers):
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(layer.receive(channel), 0.1)
     assert channel not in layer._get_layer().channels
+
+
+async def test_a_flushed_layer_delivers_to_new_channels_again(layers):
+    layer = layers[0]
+    await layer.new_channel()
+    await layer.flush()
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "after.flush"})
+    assert (await receive(layer, channel))["type"] == "after.flush"
