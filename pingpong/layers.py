@@ -62,7 +62,8 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.process_channel = f"{self.prefix}process.{uuid.uuid4().hex}"
-        self._process_subscribed = False
+        self._process_subscription: asyncio.Future[None] | None = None
+        self._unsubscribing: set[str] = set()
         self._last_raw: bytes | None = None
         self._last_message: dict[str, Any] = {}
 
@@ -74,11 +75,17 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         return dict(self._last_message)
 
     async def _process_subscribe(self) -> None:
-        if self._process_subscribed:
-            return
-        self.channels[self.process_channel] = _ProcessRouter(self)
-        await self._get_shard(self.process_channel).subscribe(self.process_channel)
-        self._process_subscribed = True
+        """Subscribe the process channel once; concurrent first callers share that one call.
+
+        Each caller queueing on the shard lock instead would cost a loop turn per handoff:
+        under a burst of connections on a busy node that convoy took seconds.
+        """
+        subscription = self._process_subscription
+        if subscription is None or (subscription.done() and subscription.exception() is not None):
+            self.channels[self.process_channel] = _ProcessRouter(self)
+            shard = self._get_shard(self.process_channel)
+            subscription = self._process_subscription = asyncio.ensure_future(shard.subscribe(self.process_channel))
+        await asyncio.shield(subscription)
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         await self._process_subscribe()
@@ -124,18 +131,34 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
 
     async def flush(self) -> None:
         # The base flush forgets every channel, the process router included: subscribe it anew.
-        self._process_subscribed = False
+        self._process_subscription = None
         await super().flush()
 
     async def group_add(self, group: str, channel: str) -> None:
         group_channel = self._get_group_channel_name(group)
         shard = self._get_shard(group_channel)
-        # Fast path only when no subscribe/unsubscribe is in flight: an unsubscribe of the
-        # same group holds the lock until Redis has dropped it, and then we must resubscribe.
-        if channel in self.channels and group_channel in shard._subscribed_to and not shard._lock.locked():
+        # Fast path unless this group's unsubscribe is in flight: it holds the lock until Redis
+        # has dropped the group, and then the base group_add (behind that lock) subscribes again.
+        if (
+            channel in self.channels
+            and group_channel in shard._subscribed_to
+            and group_channel not in self._unsubscribing
+        ):
             self.groups.setdefault(group_channel, set()).add(channel)
             return
         await super().group_add(group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        group_channel = self._get_group_channel_name(group)
+        if self.groups.get(group_channel) != {channel}:
+            await super().group_discard(group, channel)
+            return
+        # The last member leaves: the base unsubscribes the process from the group.
+        self._unsubscribing.add(group_channel)
+        try:
+            await super().group_discard(group, channel)
+        finally:
+            self._unsubscribing.discard(group_channel)
 
 
 class PingpongPubSubChannelLayer(RedisPubSubChannelLayer):

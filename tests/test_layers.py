@@ -99,3 +99,27 @@ async def test_a_flushed_layer_delivers_to_new_channels_again(layers):
     channel = await layer.new_channel()
     await layer.send(channel, {"type": "after.flush"})
     assert (await receive(layer, channel))["type"] == "after.flush"
+
+
+async def test_a_burst_of_first_joins_shares_one_process_subscription_and_all_receive(layers):
+    layer = layers[0]
+
+    async def join() -> str:
+        channel = await layer.new_channel()
+        await layer.group_add("room", channel)
+        return channel
+
+    channels = await asyncio.gather(*(join() for _ in range(200)))
+    assert layer._get_layer()._process_subscription.done()
+    await layer.group_send("room", {"type": "m"})
+    for channel in channels:
+        assert await receive(layer, channel) == {"type": "m"}
+
+
+async def test_a_join_while_the_last_member_leaves_still_gets_group_messages(layers):
+    layer = layers[0]
+    leaving, joining = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("room", leaving)
+    await asyncio.gather(layer.group_discard("room", leaving), layer.group_add("room", joining))
+    await layer.group_send("room", {"type": "m"})
+    assert await receive(layer, joining) == {"type": "m"}
