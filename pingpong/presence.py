@@ -14,12 +14,12 @@ import logging
 import os
 import socket
 import weakref
-from typing import Any, Final, TypedDict
+from typing import Final, TypedDict
 
 from django.conf import settings
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from pingpong.layer import LAYER_ERRORS
 from pingpong.node import node
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ REDIS_TIMEOUT_SECONDS: Final = 1.0
 SCAN_COUNT: Final = 500
 MAX_NODES: Final = 10_000
 
-PRESENCE_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, asyncio.TimeoutError)
+PRESENCE_ERRORS = LAYER_ERRORS  # the same Redis failures the channel layer meets
 
 
 class Stats(TypedDict):
@@ -53,9 +53,7 @@ def presence_node_id() -> str:
 
 def presence_prefix() -> str:
     """The Redis key prefix, shared with the channel layer so deployments stay apart."""
-    layers: dict[str, Any] = getattr(settings, "CHANNEL_LAYERS", {})
-    config: dict[str, Any] = layers.get("default", {}).get("CONFIG") or {}
-    return str(config.get("prefix") or "pingpong")
+    return str(settings.PINGPONG_REDIS_PREFIX)
 
 
 def presence_key(*, prefix: str, node_id: str) -> str:

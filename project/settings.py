@@ -87,6 +87,7 @@ if HTTPS:
 # Channel layer: embedded by default, Redis pub/sub when REDIS_URL is set.
 # Why the pub/sub layer and these connection options: see "Channel layer" in the README.
 REDIS_URL = env_str("REDIS_URL")
+PINGPONG_REDIS_PREFIX = env_str("PINGPONG_REDIS_PREFIX", "pingpong")  # channels and presence keys
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -100,7 +101,7 @@ if REDIS_URL:
                         "health_check_interval": 10,
                     }
                 ],
-                "prefix": env_str("PINGPONG_REDIS_PREFIX", "pingpong"),
+                "prefix": PINGPONG_REDIS_PREFIX,
             },
         }
     }
