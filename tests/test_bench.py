@@ -78,3 +78,10 @@ def test_a_quick_w1_run_writes_the_json_and_the_chart(tmp_path):
     assert code == 0
     assert (tmp_path / "latest.json").exists()
     assert (tmp_path / "latest.png").exists()
+
+
+async def test_connect_cost_accepts_a_few_connections_through_every_layer_of_the_stack():
+    from bench.connect_cost import APPS, connect_cost
+
+    for app in APPS.values():
+        assert await connect_cost(app, 3) > 0  # connect_cost asserts each connection was accepted
