@@ -3,6 +3,7 @@
 Every process is owned by the test that starts it and is killed when the test ends.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -165,6 +166,19 @@ def http_request(
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def api_broadcast(node: DaphneNode, text: str, *, token: str | None = None, authorization: str | None = None) -> int:
+    """POST /api/broadcast {"text": text} to `node` with a bearer `token` (or a raw header); the status."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        authorization = f"Bearer {token}"
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    status, _ = http_request(
+        f"{node.http}/api/broadcast", method="POST", body=json.dumps({"text": text}).encode(), headers=headers
+    )
+    return status
 
 
 def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

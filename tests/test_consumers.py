@@ -4,26 +4,17 @@ import json
 
 import pytest
 from channels.layers import get_channel_layer
-from channels.testing import WebsocketCommunicator
 
 from pingpong import protocol
 from pingpong.broadcast import broadcast_send
 from pingpong.node import node
-from project.asgi import application
-
-ALLOWED_ORIGIN = [(b"origin", b"http://localhost")]
-
-
-def communicator(path: str = "/ws/", headers: list[tuple[bytes, bytes]] | None = None) -> WebsocketCommunicator:
-    return WebsocketCommunicator(application, path, headers=ALLOWED_ORIGIN if headers is None else headers)
+from tests.communicators import communicator, connected
 
 
 @pytest.fixture
 async def client():
     """A connected /ws/ client, disconnected after the test."""
-    ws = communicator()
-    connected, _ = await ws.connect()
-    assert connected
+    ws = await connected()
     yield ws
     await ws.disconnect()
 
@@ -78,21 +69,17 @@ async def test_binary_frame_closes_with_4003(client):
     ids=["foreign", "null", "missing"],
 )
 async def test_handshake_without_an_allowed_origin_is_rejected(headers):
-    ws = communicator(headers=headers)
-    connected, _ = await ws.connect()
-    assert not connected
+    accepted, _ = await communicator(headers=headers).connect()
+    assert not accepted
 
 
 async def test_unknown_websocket_path_is_rejected_at_the_handshake():
-    ws = communicator("/nowhere/")
-    connected, _ = await ws.connect()
-    assert not connected
+    accepted, _ = await communicator("/nowhere/").connect()
+    assert not accepted
 
 
 async def test_broadcast_reaches_every_connected_client_once():
-    clients = [communicator() for _ in range(3)]
-    for ws in clients:
-        assert (await ws.connect())[0]
+    clients = [await connected() for _ in range(3)]
     event = await broadcast_send(text="hello everyone")
     for ws in clients:
         received = json.loads(await ws.receive_from())
@@ -111,8 +98,7 @@ async def test_channel_layer_message_of_unknown_type_is_dropped_and_the_connecti
 
 async def test_disconnect_leaves_the_broadcast_group_and_the_node_count():
     before = len(node.connections)
-    ws = communicator()
-    await ws.connect()
+    ws = await connected()
     await ws.send_to(text_data="ping")
     await ws.receive_from()
     assert len(node.connections) == before + 1
@@ -123,8 +109,7 @@ async def test_disconnect_leaves_the_broadcast_group_and_the_node_count():
 
 
 async def test_echo_returns_text_and_binary_frames_exactly_empty_ones_included():
-    ws = communicator("/ws/echo/")
-    assert (await ws.connect())[0]
+    ws = await connected("/ws/echo/")
     for frame in ["", "ping", "ünïcödé"]:
         await ws.send_input({"type": "websocket.receive", "text": frame})
         assert (await ws.receive_output())["text"] == frame

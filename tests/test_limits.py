@@ -8,16 +8,7 @@ from channels.testing import WebsocketCommunicator
 from pingpong import protocol
 from pingpong.limits import TokenBucket, text_too_big
 from pingpong.node import node
-from project.asgi import application
-
-ALLOWED_ORIGIN = [(b"origin", b"http://localhost")]
-
-
-async def connect(path: str = "/ws/") -> WebsocketCommunicator:
-    ws = WebsocketCommunicator(application, path, headers=ALLOWED_ORIGIN)
-    connected, _ = await ws.connect()
-    assert connected
-    return ws
+from tests.communicators import connected
 
 
 async def closed_with(ws: WebsocketCommunicator, code: int, error: str) -> None:
@@ -32,14 +23,14 @@ async def closed_with(ws: WebsocketCommunicator, code: int, error: str) -> None:
 @pytest.mark.parametrize("path", ["/ws/", "/ws/echo/"])
 async def test_message_over_the_size_limit_closes_with_4009(settings, path):
     settings.PINGPONG_MAX_MESSAGE_BYTES = 100
-    ws = await connect(path)
+    ws = await connected(path)
     await ws.send_to(text_data="x" * 101)
     await closed_with(ws, protocol.CLOSE_MESSAGE_TOO_BIG, "message_too_big")
 
 
 async def test_message_at_the_size_limit_is_accepted(settings):
     settings.PINGPONG_MAX_MESSAGE_BYTES = 100
-    ws = await connect("/ws/echo/")
+    ws = await connected("/ws/echo/")
     await ws.send_to(text_data="é" * 50)  # 100 bytes of UTF-8
     assert await ws.receive_from() == "é" * 50
     await ws.disconnect()
@@ -48,7 +39,7 @@ async def test_message_at_the_size_limit_is_accepted(settings):
 async def test_messages_over_the_rate_limit_close_with_4008(settings):
     settings.PINGPONG_RATE_PER_SECOND = 1
     settings.PINGPONG_RATE_BURST = 3
-    ws = await connect()
+    ws = await connected()
     for _ in range(3):
         await ws.send_to(text_data="ping")
         assert await ws.receive_from() == "pong!"
@@ -58,8 +49,8 @@ async def test_messages_over_the_rate_limit_close_with_4008(settings):
 
 async def test_connection_over_the_node_cap_closes_with_4013(settings):
     settings.PINGPONG_MAX_CONNECTIONS = len(node.connections) + 1
-    first = await connect()
-    second = await connect()
+    first = await connected()
+    second = await connected()
     await closed_with(second, protocol.CLOSE_TRY_AGAIN_LATER, "full")
     await first.send_to(text_data="ping")
     assert await first.receive_from() == "pong!"

@@ -1,13 +1,10 @@
 """Prometheus metrics count what the node does."""
 
 import pytest
-from channels.testing import WebsocketCommunicator
 from django.test import Client
 from prometheus_client import REGISTRY
 
-from project.asgi import application
-
-ALLOWED_ORIGIN = [(b"origin", b"http://localhost")]
+from tests.communicators import connected
 
 
 def sample(name: str, **labels: str) -> float:
@@ -27,8 +24,7 @@ async def test_a_ping_counts_a_received_ping_a_sent_pong_and_a_handler_time():
         sample("pingpong_messages_sent_total", kind="pong"),
         sample("pingpong_handler_seconds_count"),
     )
-    ws = WebsocketCommunicator(application, "/ws/", headers=ALLOWED_ORIGIN)
-    await ws.connect()
+    ws = await connected()
     await ws.send_to(text_data="ping")
     await ws.receive_from()
     await ws.disconnect()
@@ -43,8 +39,7 @@ async def test_a_ping_counts_a_received_ping_a_sent_pong_and_a_handler_time():
 async def test_open_and_close_are_counted_with_the_close_code():
     opened = sample("pingpong_connections_opened_total", path="/ws/")
     closed = sample("pingpong_connections_closed_total", code="4321")
-    ws = WebsocketCommunicator(application, "/ws/", headers=ALLOWED_ORIGIN)
-    await ws.connect()
+    ws = await connected()
     await ws.send_to(text_data="ping")
     await ws.receive_from()  # the connection is counted once connect() has run its course
     assert sample("pingpong_connections_open") >= 1
@@ -61,8 +56,7 @@ async def test_limit_hits_are_counted(settings, limit, setting, value, frames):
     setattr(settings, setting, value)
     settings.PINGPONG_RATE_PER_SECOND = 0.001
     before = sample("pingpong_limit_hits_total", limit=limit)
-    ws = WebsocketCommunicator(application, "/ws/", headers=ALLOWED_ORIGIN)
-    await ws.connect()
+    ws = await connected()
     for frame in frames:
         await ws.send_to(text_data=frame)
     while (await ws.receive_output())["type"] != "websocket.close":

@@ -5,7 +5,6 @@ download. Skipped without Chromium or Playwright unless PINGPONG_REQUIRE_BROWSER
 Screenshots (server down, and back) are left in artifacts/ for a human to look at.
 """
 
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.processes import ROOT, DaphneNode, http_request
+from tests.processes import ROOT, DaphneNode, api_broadcast
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -87,13 +86,7 @@ def restart() -> Iterator[Callable[[DaphneNode], DaphneNode]]:
 
 
 def broadcast(node: DaphneNode, text: str) -> None:
-    status, body = http_request(
-        f"{node.http}/api/broadcast",
-        method="POST",
-        body=json.dumps({"text": text}).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    assert status == 202, body
+    assert api_broadcast(node, text, token=TOKEN) == 202
 
 
 def wait_for_fresh_rtt(page, *, samples: int = 1) -> None:

@@ -7,7 +7,7 @@ import pytest
 from channels_redis.pubsub import RedisPubSubChannelLayer
 
 from pingpong import protocol
-from tests.processes import http_request, manage, wait_until
+from tests.processes import api_broadcast, http_request, manage, wait_until
 from tests.wsclient import broadcasts_within, ping_pong, ws_connect
 
 pytestmark = pytest.mark.redis
@@ -16,16 +16,6 @@ TOKEN = "redis-test-token"
 
 def redis_env(redis_server, **extra: str) -> dict[str, str]:
     return {"REDIS_URL": redis_server.url, "PINGPONG_BROADCAST_TOKEN": TOKEN, **extra}
-
-
-def api_broadcast(node, text: str) -> int:
-    status, _ = http_request(
-        f"{node.http}/api/broadcast",
-        method="POST",
-        body=json.dumps({"text": text}).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    return status
 
 
 @pytest.fixture
@@ -38,7 +28,7 @@ async def test_broadcasts_reach_every_client_on_both_nodes_exactly_once(redis_se
     clients = [await ws_connect(node.ws) for node in two_nodes for _ in range(3)]
     for ws in clients:
         assert await ping_pong(ws) == "pong!"
-    assert await asyncio.to_thread(api_broadcast, two_nodes[0], "through the API") == 202
+    assert await asyncio.to_thread(api_broadcast, two_nodes[0], "through the API", token=TOKEN) == 202
     command = await asyncio.to_thread(manage, "broadcast", "through the command", env=redis_env(redis_server))
     assert command.returncode == 0, command.stderr
     for ws in clients:
@@ -54,7 +44,7 @@ async def test_idle_client_stays_connected_for_20_seconds(redis_server, daphne_n
         assert await ping_pong(ws) == "pong!"
         await asyncio.sleep(20)
         assert await ping_pong(ws) == "pong!"
-        assert await asyncio.to_thread(api_broadcast, node, "still here") == 202
+        assert await asyncio.to_thread(api_broadcast, node, "still here", token=TOKEN) == 202
         assert [e["text"] for e in await broadcasts_within(ws, seconds=1)] == ["still here"]
     assert "1011" not in node.output()
 
@@ -64,7 +54,7 @@ async def test_broadcasts_still_arrive_after_the_group_expiry(redis_server, daph
     async with await ws_connect(node.ws) as ws:
         assert await ping_pong(ws) == "pong!"
         await asyncio.sleep(3)  # three times the configured group_expiry
-        assert await asyncio.to_thread(api_broadcast, node, "after expiry") == 202
+        assert await asyncio.to_thread(api_broadcast, node, "after expiry", token=TOKEN) == 202
         assert [e["text"] for e in await broadcasts_within(ws, seconds=1)] == ["after expiry"]
 
 
@@ -84,7 +74,7 @@ async def test_redis_outage_keeps_ping_working_and_reports_503_then_recovers(red
             assert await ping_pong(ws) == "pong!"
     for node in two_nodes:
         assert (await asyncio.to_thread(http_request, f"{node.http}/readyz"))[0] == 503
-        assert await asyncio.to_thread(api_broadcast, node, "lost?") == 503
+        assert await asyncio.to_thread(api_broadcast, node, "lost?", token=TOKEN) == 503
     command = await asyncio.to_thread(manage, "broadcast", "lost?", env=redis_env(redis_server))
     assert command.returncode != 0
 
@@ -95,7 +85,7 @@ async def test_redis_outage_keeps_ping_working_and_reports_503_then_recovers(red
         timeout=5,
         what="both nodes ready again",
     )
-    assert await asyncio.to_thread(api_broadcast, two_nodes[1], "back") == 202
+    assert await asyncio.to_thread(api_broadcast, two_nodes[1], "back", token=TOKEN) == 202
     for ws in clients:
         assert [e["text"] for e in await broadcasts_within(ws, seconds=1)] == ["back"]
         assert await ping_pong(ws) == "pong!"
@@ -112,7 +102,7 @@ async def test_killing_one_node_leaves_the_other_serving_and_reconnects_land_the
     assert await ping_pong(on_survivor) == "pong!"
     await on_doomed.close()
     reconnected = await ws_connect(survivor.ws)
-    assert await asyncio.to_thread(api_broadcast, survivor, "after the crash") == 202
+    assert await asyncio.to_thread(api_broadcast, survivor, "after the crash", token=TOKEN) == 202
     for ws in (on_survivor, reconnected):
         assert [e["text"] for e in await broadcasts_within(ws, seconds=1)] == ["after the crash"]
         await ws.close()

@@ -15,6 +15,7 @@ from tests.processes import (
     ORIGIN,
     DaphneNode,
     RedisServer,
+    api_broadcast,
     free_port,
     http_request,
     manage,
@@ -42,22 +43,13 @@ def handshake_status(node: DaphneNode, *, origin: str | None, extra: dict[str, s
         return client.handshake(handshake_request(port=node.port, origin=origin, extra=extra))
 
 
-def post_broadcast(node: DaphneNode, *, text: str, authorization: str | None) -> int:
-    headers = {"Content-Type": "application/json"}
-    if authorization is not None:
-        headers["Authorization"] = authorization
-    body = json.dumps({"text": text}).encode()
-    status, _ = http_request(f"{node.http}/api/broadcast", method="POST", body=body, headers=headers)
-    return status
-
-
 def broadcast_reaches_a_client(node: DaphneNode, *, token: str) -> bool:
     """Connect a client, broadcast through the HTTP API, and see the event arrive."""
     text = f"through redis {secrets.token_hex(4)}"
     with connect(node.ws, origin=ORIGIN, open_timeout=5) as ws:
         ws.send("ping")
         assert ws.recv(timeout=5) == "pong!"  # connected and in the broadcast group
-        assert post_broadcast(node, text=text, authorization=f"Bearer {token}") == 202
+        assert api_broadcast(node, text, token=token) == 202
         event = json.loads(ws.recv(timeout=5))
     return event.get("type") == "broadcast" and event.get("text") == text
 
@@ -95,7 +87,7 @@ def test_broadcast_token_never_appears_in_the_log(node):
         f"bearer  {TOKEN[:-1]}",
         f"Bearer {TOKEN}",  # the one that succeeds
     ]
-    statuses = [post_broadcast(node, text="token check", authorization=header) for header in attempts]
+    statuses = [api_broadcast(node, "token check", authorization=header) for header in attempts]
     assert statuses == [401, 401, 401, 401, 202]
     assert TOKEN not in node.output()
     assert TOKEN[:-1] not in node.output()
