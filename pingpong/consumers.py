@@ -1,6 +1,7 @@
 """Websocket consumers: thin entry points that check limits and call plain functions."""
 
 import asyncio
+import enum
 import functools
 import json
 import logging
@@ -25,6 +26,15 @@ logger = logging.getLogger("pingpong.connections")
 Message = dict[str, Any]
 
 
+class State(enum.IntEnum):
+    """Where a connection is in its life; it only moves forward."""
+
+    CONNECTING = 0  # handshake received, not yet counted in
+    OPEN = 1  # admitted: counted in the node, the gauge and the open log line
+    CLOSING = 2  # close sent: later client frames and layer messages are dropped
+    CLOSED = 3  # counted out: released, gauge down, close logged, groups left
+
+
 class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     """An AsyncWebsocketConsumer without per-message overhead, with the node's limits.
 
@@ -42,11 +52,9 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         self.base_send = send
         self.channel_layer = get_channel_layer(self.channel_layer_alias) if self.groups else None
         self.connection_id = uuid.uuid4().hex[:12]
-        self.opened_at = time.monotonic()
-        self.admitted = False
-        self.counted = False
+        self.state = State.CONNECTING
+        self.opened_at: float | None = None  # set when counted in
         self.joined: list[str] = []
-        self.closing = False
         self.layer_failed = False
         self.rate = TokenBucket(rate=settings.PINGPONG_RATE_PER_SECOND, burst=settings.PINGPONG_RATE_BURST)
         self.max_message_bytes = settings.PINGPONG_MAX_MESSAGE_BYTES  # read once: settings lookups cost per message
@@ -72,11 +80,16 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
                     await layer_task
                 except asyncio.CancelledError:
                     pass
+            # However the loop ended (disconnect, cancellation by the server, a bug in a handler),
+            # the connection is counted out exactly once.
+            await self.count_out(code=None)
 
     async def _read_layer(self) -> None:
         """Pass channel-layer messages to their handlers until cancelled."""
         while True:
             message = await self.channel_receive()
+            if self.state >= State.CLOSING:
+                continue  # the client will not read it; nothing to log
             kind = str(message.get("type", ""))
             if kind.startswith("websocket."):
                 # Only the server may speak for the client's socket.
@@ -114,7 +127,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
             metrics.LIMIT_HITS.labels("connections").inc()
             await self.refuse(protocol.CLOSE_TRY_AGAIN_LATER, reason, f"This node is {reason}; try again later.")
             return
-        self.admitted = True
+        self.count_in()
         try:
             if self.channel_layer is not None:
                 for group in self.groups:
@@ -123,15 +136,45 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         except ChannelLayerUnavailable as error:
             logger.warning("channel layer unreachable at group_add: %s", error)
             await self.refuse_unavailable()
-            return
-        self.counted = True
+
+    def count_in(self) -> None:
+        """The one place a connection is counted open: state, gauge, log line (the node has admitted it)."""
+        self.state = State.OPEN
+        self.opened_at = time.monotonic()
         metrics.CONNECTIONS_OPEN.inc()
         metrics.CONNECTIONS_OPENED.labels(self.scope.get("path", "")).inc()
         log_event(logger, "open", id=self.connection_id, path=self.scope.get("path"), client=self.client_ip)
 
+    async def count_out(self, *, code: int | None) -> None:
+        """The one place a connection is counted closed; runs once, whatever ended it."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        if self.opened_at is None:  # refused before admission: never counted in
+            return
+        node.release(self)
+        metrics.CONNECTIONS_OPEN.dec()
+        metrics.CONNECTIONS_CLOSED.labels(str(code)).inc()
+        log_event(
+            logger,
+            "close",
+            id=self.connection_id,
+            path=self.scope.get("path"),
+            client=self.client_ip,
+            code=code,
+            duration=round(time.monotonic() - self.opened_at, 3),
+        )
+        layer = self.channel_layer
+        for group in self.joined:
+            try:
+                assert layer is not None  # only joined through a layer
+                await layer_call(layer.group_discard(group, self.channel_name), operation="group_discard")
+            except ChannelLayerUnavailable as error:
+                logger.warning("group_discard failed: %s", error)
+
     async def websocket_receive(self, message: Message) -> None:
         """Enforce the size and rate limits, then hand the frame to receive_text/receive_bytes."""
-        if self.closing:
+        if self.state >= State.CLOSING:
             return
         started = time.perf_counter()
         text = message.get("text")
@@ -159,40 +202,20 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         metrics.HANDLER_SECONDS.observe(time.perf_counter() - started)
 
     async def websocket_disconnect(self, message: Message) -> None:
-        """Leave groups and the node count, log the close, stop the consumer."""
-        if self.admitted:
-            node.release(self)
-            layer = self.channel_layer
-            for group in self.joined:
-                try:
-                    assert layer is not None  # only joined through a layer
-                    await layer_call(layer.group_discard(group, self.channel_name), operation="group_discard")
-                except ChannelLayerUnavailable as error:
-                    logger.warning("group_discard failed: %s", error)
-            log_event(
-                logger,
-                "close",
-                id=self.connection_id,
-                path=self.scope.get("path"),
-                client=self.client_ip,
-                code=message.get("code"),
-                duration=round(time.monotonic() - self.opened_at, 3),
-            )
-        if self.counted:
-            metrics.CONNECTIONS_OPEN.dec()
-            metrics.CONNECTIONS_CLOSED.labels(str(message.get("code"))).inc()
+        """Count the connection out (node, gauge, log, groups) and stop the consumer."""
+        await self.count_out(code=message.get("code"))
         raise StopConsumer()
 
     async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
         """Close once; later frames from the client are ignored."""
-        if self.closing:
+        if self.state >= State.CLOSING:
             return
-        self.closing = True
+        self.state = State.CLOSING
         await super().close(code=code, reason=reason)
 
     async def refuse(self, code: int, error: str, detail: str) -> None:
         """Explain with an error event, then close with `code`."""
-        if not self.closing:
+        if self.state < State.CLOSING:
             metrics.SENT_ERROR.inc()
             await self.send_text(protocol.error_event(error, detail))
         await self.close(code=code, reason=detail[:120])
@@ -254,7 +277,7 @@ class PingPongConsumer(LeanWebsocketConsumer):
 
     async def broadcast_message(self, message: Message) -> None:
         """A broadcast from the group: its event was serialised once by the sender."""
-        if not self.closing:
+        if self.state < State.CLOSING:
             metrics.SENT_BROADCAST.inc()
             await self.send_text(message["event"])
 

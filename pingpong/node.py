@@ -44,12 +44,15 @@ class Node:
             return 0
         started = time.monotonic()
         count = len(self.connections)
-        for connection in list(self.connections):
-            asyncio.ensure_future(connection.close(code=code))
+        # Kept, so none is garbage-collected mid-close, and cancelled if the time runs out.
+        closing = [asyncio.ensure_future(connection.close(code=code)) for connection in list(self.connections)]
         try:
-            await asyncio.wait_for(self._empty.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
         except TimeoutError:
             pass
+        for task in closing:
+            task.cancel()
         left = len(self.connections)
         logger.info("drained %d of %d connections in %.2fs", count - left, count, time.monotonic() - started)
         return left

@@ -18,6 +18,8 @@ CLOSE_POLICY_VIOLATION: Final = 4008  # 1008: over the per-connection rate limit
 CLOSE_MESSAGE_TOO_BIG: Final = 4009  # 1009: over PINGPONG_MAX_MESSAGE_BYTES
 CLOSE_SERVICE_RESTART: Final = 4012  # 1012: the node is draining (SIGTERM)
 CLOSE_TRY_AGAIN_LATER: Final = 4013  # 1013: node full, or channel layer unreachable
+# No RFC 6455 code means "you read too slowly", so this one sits outside the 4000 + RFC range.
+CLOSE_SLOW_CONSUMER: Final = 4100  # more than PINGPONG_MAX_PENDING_BYTES waited for the client
 
 # Codes after which a client should not reconnect by itself.
 TERMINAL_CLOSE_CODES: Final = frozenset({CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY_VIOLATION, CLOSE_MESSAGE_TOO_BIG})
@@ -25,6 +27,7 @@ TERMINAL_CLOSE_CODES: Final = frozenset({CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY_VI
 # Error codes carried by {"type": "error", "error": <code>, "detail": <sentence>}.
 ERROR_UNKNOWN_MESSAGE: Final = "unknown_message"
 ERROR_BAD_JSON_PING: Final = "bad_request"
+ERROR_SLOW_CONSUMER: Final = "slow_consumer"
 
 # Every /ws/ client joins this group; a broadcast goes to it.
 BROADCAST_GROUP: Final = "broadcast"

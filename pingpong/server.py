@@ -18,7 +18,7 @@ from daphne.endpoints import build_endpoint_description_strings
 from django.conf import settings
 from twisted.internet import defer, reactor
 
-from pingpong import protocol
+from pingpong import metrics, protocol
 from pingpong.node import node
 from pingpong.presence import presence_start, presence_stop
 
@@ -27,11 +27,24 @@ logger = logging.getLogger(__name__)
 # Autobahn closes a frame over its own limit with 1009 before the application sees it;
 # this headroom lets the application's PINGPONG_MAX_MESSAGE_BYTES answer (4009) first.
 TRANSPORT_HEADROOM_BYTES = 4096
+# How long a slow consumer has to read up to its close frame before TCP is aborted (autobahn's
+# default close timeout is 1 s); nothing more is written for it meanwhile, so memory stays bounded.
+SLOW_CONSUMER_CLOSE_SECONDS = 5.0
+
+
+def pending_bytes(transport: Any) -> int:
+    """Bytes written to a Twisted TCP transport that the kernel has not taken yet."""
+    # Twisted's FileDescriptor keeps unsent data in dataBuffer (from offset on) plus a list of
+    # later writes (_tempDataLen bytes); nothing else in the stack buffers outbound frames.
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
-    """Daphne's protocol, but sends empty text and binary frames instead of dropping them,
-    and fails a broken connection with a close frame instead of a bare TCP drop."""
+    """Daphne's protocol with exact empty frames, close frames on protocol errors, a cap on
+    bytes waiting for a slow client, and quiet drops of sends to a closing socket."""
+
+    #: Set from PINGPONG_MAX_PENDING_BYTES when the server starts.
+    max_pending_bytes = 256 * 1024
 
     def _connectionMade(self) -> None:
         super()._connectionMade()
@@ -41,9 +54,17 @@ class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
 
     def handle_reply(self, message: dict[str, Any]) -> None:
         if message.get("type") == "websocket.send" and self.state != self.STATE_CONNECTING:
+            if self.state != self.STATE_OPEN:
+                # The client closed first, or we did: nothing more can reach it. Autobahn would
+                # raise Disconnected into the application and skip its disconnect.
+                return
             text, data = message.get("text"), message.get("bytes")
             if text is not None and data is not None:
                 raise ValueError("a websocket.send message carries both text and bytes")
+            pending = pending_bytes(self.transport)
+            if pending > self.max_pending_bytes:
+                self.close_slow_consumer(pending)
+                return
             if data is not None:
                 self.serverSend(data, True)
             elif text is not None:
@@ -51,12 +72,32 @@ class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
             return
         super().handle_reply(message)
 
+    def close_slow_consumer(self, pending: int) -> None:
+        """Close a client that does not read: its unsent bytes would otherwise grow without bound.
+
+        The error event and close frame queue behind what is pending; TCP is aborted when the
+        client has not answered the close within SLOW_CONSUMER_CLOSE_SECONDS.
+        """
+        metrics.LIMIT_HITS.labels("slow_consumer").inc()
+        logger.warning(
+            "slow consumer: %s had %d bytes waiting (limit %d); closing with %d",
+            self.client_addr[0] if self.client_addr else "-",
+            pending,
+            self.max_pending_bytes,
+            protocol.CLOSE_SLOW_CONSUMER,
+        )
+        detail = f"More than {self.max_pending_bytes} bytes were waiting for this client to read them."
+        self.sendMessage(protocol.error_event(protocol.ERROR_SLOW_CONSUMER, detail).encode())
+        self.closeHandshakeTimeout = SLOW_CONSUMER_CLOSE_SECONDS
+        self.sendClose(code=protocol.CLOSE_SLOW_CONSUMER, reason="slow consumer")
+
 
 class PingpongServer(Server):
     """A daphne Server that drains websockets before it stops."""
 
     def run(self) -> None:
         ws_protocol.WebSocketFactory.protocol = ExactWebSocketProtocol
+        ExactWebSocketProtocol.max_pending_bytes = settings.PINGPONG_MAX_PENDING_BYTES
         reactor.callLater(0, presence_start)  # type: ignore[arg-type]  # publish this node's count from boot
         super().run()
 

@@ -115,6 +115,9 @@ PINGPONG_MAX_BROADCAST_BYTES = env_int("PINGPONG_MAX_BROADCAST_BYTES", 16 * 1024
 PINGPONG_RATE_PER_SECOND = env_float("PINGPONG_RATE_PER_SECOND", 20.0)
 PINGPONG_RATE_BURST = env_int("PINGPONG_RATE_BURST", 40)
 PINGPONG_MAX_CONNECTIONS = env_int("PINGPONG_MAX_CONNECTIONS", 20000)
+# Bytes the server may hold for one client that has not read them (beyond what the kernel took):
+# four of the largest client messages, 16 of the largest broadcasts. See "Memory budget" in the README.
+PINGPONG_MAX_PENDING_BYTES = env_int("PINGPONG_MAX_PENDING_BYTES", 256 * 1024, minimum=1024)
 PINGPONG_DRAIN_SECONDS = env_float("PINGPONG_DRAIN_SECONDS", 10.0)
 PINGPONG_PING_INTERVAL = env_float("PINGPONG_PING_INTERVAL", 20.0, minimum=1.0)
 PINGPONG_PING_TIMEOUT = env_float("PINGPONG_PING_TIMEOUT", 20.0, minimum=1.0)

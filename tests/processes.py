@@ -150,6 +150,24 @@ class DaphneNode:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
+    def rss_bytes(self) -> int:
+        """The server process's resident memory, from /proc."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS line")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample from /metrics, e.g. metric("pingpong_limit_hits_total", 'limit="size"'); 0 if absent."""
+        _, body = http_request(f"{self.http}/metrics")
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in body.decode().splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == wanted:
+                return float(value)
+        return 0.0
+
     def close(self) -> None:
         self.kill()
         self.log.close()

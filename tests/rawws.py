@@ -88,9 +88,13 @@ class Frame:
 class RawClient:
     """A TCP connection to a daphne node that speaks websocket framing by hand."""
 
-    def __init__(self, port: int, *, timeout: float = 5.0) -> None:
+    def __init__(self, port: int, *, timeout: float = 5.0, receive_buffer: int | None = None) -> None:
         self.port = port
-        self.sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        if receive_buffer is not None:  # before connect, so the TCP window starts small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.connect((LOOPBACK, port))
         self.buffer = b""
         self.status: int | None = None
         self.response_head = b""
@@ -102,6 +106,11 @@ class RawClient:
         self.close()
 
     def close(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        """End the connection with a TCP RST instead of a FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
     def send(self, data: bytes) -> None:
