@@ -41,7 +41,7 @@ BROADCAST_ID_PATTERN: Final = r"[A-Za-z0-9._:-]{1,64}"
 # Each node remembers the first attempt of every broadcast id for this long, so a retry
 # within the window is not delivered twice ...
 BROADCAST_DEDUP_SECONDS: Final = 300.0
-# ... and at most this many ids (about 3 MB); past it the oldest id is forgotten early, so
+# ... and at most this many ids (3.4 MB with 64-character ids); past it the oldest id is forgotten early, so
 # the window holds for up to BROADCAST_DEDUP_MAX_IDS / BROADCAST_DEDUP_SECONDS (33) broadcasts/s.
 BROADCAST_DEDUP_MAX_IDS: Final = 10_000
 
