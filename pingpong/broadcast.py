@@ -1,21 +1,53 @@
-"""Broadcasts: validate a text, serialise its event once, send it to every /ws/ client."""
+"""Broadcasts: validate a request, serialise its event once, send it to every /ws/ client.
 
+A broadcast is safe to retry. Every broadcast has an id (the caller's, or a generated one),
+and every publish attempt carries its own nonce. Each node delivers, per id, only the first
+attempt it sees (`SeenBroadcasts`): the copies of that attempt reach all of the node's
+consumers, while a retry's copies are dropped. A failure is reported as "not sent"
+(`ChannelLayerUnavailable`) only when the PUBLISH never reached Redis; after that point it is
+`BroadcastOutcomeUnknown`, and the caller retries with the same id.
+"""
+
+import re
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from channels.layers import InMemoryChannelLayer
 from django.conf import settings
 
 from pingpong import metrics, protocol
-from pingpong.layer import layer_call, layer_get
+from pingpong.layer import ChannelLayerUnavailable, layer_call, layer_get
+from pingpong.layers import PUBLISH_PROGRESS, PingpongPubSubChannelLayer, PublishProgress
+
+_ID = re.compile(protocol.BROADCAST_ID_PATTERN)
+
+# Layers that can say "nothing was sent": in-process (nothing half-sent), or marking the
+# moment PUBLISH is written. On any other layer every failure is an unknown outcome.
+_LAYERS_THAT_KNOW_NOTHING_WAS_SENT = (InMemoryChannelLayer, PingpongPubSubChannelLayer)
 
 
 class BroadcastInvalid(ValueError):
     """The broadcast request is malformed; the message is a sentence for the client."""
 
 
-def broadcast_text_from(payload: Any) -> str:
-    """The text of a broadcast request body `{"text": "..."}`, or BroadcastInvalid."""
+class BroadcastOutcomeUnknown(ChannelLayerUnavailable):
+    """The PUBLISH was written but not confirmed: it may reach clients; retry with the same id."""
+
+
+@dataclass(frozen=True)
+class BroadcastRequest:
+    """A validated broadcast: its text and its id."""
+
+    text: str
+    id: str
+
+
+def broadcast_request_from(payload: Any) -> BroadcastRequest:
+    """The request in a body `{"text": "...", "id": "..."}` (id optional), or BroadcastInvalid."""
     if not isinstance(payload, dict):
         raise BroadcastInvalid('The body must be a JSON object: {"text": "..."}.')
     text = payload.get("text")
@@ -28,24 +60,98 @@ def broadcast_text_from(payload: Any) -> str:
     limit = settings.PINGPONG_MAX_BROADCAST_BYTES
     if size > limit:
         raise BroadcastInvalid(f'"text" is limited to {limit} bytes of UTF-8.')
-    return text
+    if "id" not in payload:
+        return BroadcastRequest(text=text, id=uuid.uuid4().hex)
+    broadcast_id = payload["id"]
+    if not (isinstance(broadcast_id, str) and _ID.fullmatch(broadcast_id)):
+        raise BroadcastInvalid(
+            f'"id" is optional; when given it is a string of 1 to {protocol.BROADCAST_ID_MAX_CHARS} '
+            "characters from A-Z, a-z, 0-9 and . _ : -"
+        )
+    return BroadcastRequest(text=text, id=broadcast_id)
 
 
-def broadcast_event(*, text: str) -> dict[str, Any]:
-    """The event every client receives: {"type": "broadcast", "text", "id", "sent_at"}."""
-    return {"type": "broadcast", "text": text, "id": uuid.uuid4().hex, "sent_at": time.time()}
+def broadcast_event(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:
+    """The event every client receives: {"type": "broadcast", "text", "id", "sent_at"}; a new id by default."""
+    return {"type": "broadcast", "text": text, "id": broadcast_id or uuid.uuid4().hex, "sent_at": time.time()}
 
 
-async def broadcast_send(*, text: str) -> dict[str, Any]:
-    """Send `text` to every client on every node; ChannelLayerUnavailable when Redis is down."""
-    event = broadcast_event(text=text)
+async def broadcast_send(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:
+    """Send `text` to every client on every node, as one new attempt of `broadcast_id`.
+
+    Raises ChannelLayerUnavailable when nothing was sent, and its subclass
+    BroadcastOutcomeUnknown when the PUBLISH was written but not confirmed.
+    """
+    event = broadcast_event(text=text, broadcast_id=broadcast_id)
+    message = {
+        "type": protocol.BROADCAST_MESSAGE,
+        "event": protocol.encode_event(event),
+        "id": event["id"],
+        "attempt": uuid.uuid4().hex,
+    }
     layer = layer_get()
-    await layer_call(
-        layer.group_send(
-            protocol.BROADCAST_GROUP,
-            {"type": protocol.BROADCAST_MESSAGE, "event": protocol.encode_event(event)},
-        ),
-        operation="group_send",
-    )
+    progress = PublishProgress()
+    reset = PUBLISH_PROGRESS.set(progress)
+    try:
+        await layer_call(layer.group_send(protocol.BROADCAST_GROUP, message), operation="group_send")
+    except ChannelLayerUnavailable as error:
+        if progress.written or not isinstance(layer, _LAYERS_THAT_KNOW_NOTHING_WAS_SENT):
+            raise BroadcastOutcomeUnknown(str(error)) from error
+        raise
+    finally:
+        PUBLISH_PROGRESS.reset(reset)
     metrics.BROADCASTS_SENT.inc()
     return event
+
+
+class SeenBroadcasts:
+    """The first attempt this node saw of each broadcast id, for `window` seconds, at most `limit` ids.
+
+    Each consumer gets its own copy of a group message, so "seen before" cannot mean
+    "deliver once": every consumer must deliver the first attempt, and none a later one.
+    Past `limit` ids the oldest is forgotten before its window ends (and a retry of it
+    would be delivered again): memory stays bounded whatever the broadcast rate.
+    """
+
+    def __init__(self, *, window: float, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.limit = limit
+        self.clock = clock
+        self.evicted = 0  # ids forgotten before their window ended
+        self._first: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (attempt, first seen), oldest first
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def admit(self, broadcast_id: str, attempt: str) -> bool:
+        """True when this copy belongs to the first attempt of `broadcast_id` seen in the window."""
+        now = self.clock()
+        first = self._first.get(broadcast_id)
+        if first is not None and now - first[1] < self.window:
+            return first[0] == attempt
+        self._first.pop(broadcast_id, None)
+        while self._first:  # forget expired ids, oldest first
+            oldest_id, (_, seen_at) = next(iter(self._first.items()))
+            if now - seen_at < self.window:
+                break
+            del self._first[oldest_id]
+        self._first[broadcast_id] = (attempt, now)
+        while len(self._first) > self.limit:
+            self._first.popitem(last=False)
+            self.evicted += 1
+        return True
+
+
+#: This node's record (one per process, shared by all its consumers).
+seen_broadcasts = SeenBroadcasts(window=protocol.BROADCAST_DEDUP_SECONDS, limit=protocol.BROADCAST_DEDUP_MAX_IDS)
+
+
+def broadcast_deliverable(message: dict[str, Any]) -> bool:
+    """Whether a consumer should deliver this broadcast message (not a retry of one already seen).
+
+    A message without an id or attempt (from an older sender) is always delivered.
+    """
+    broadcast_id, attempt = message.get("id"), message.get("attempt")
+    if not (isinstance(broadcast_id, str) and isinstance(attempt, str)):
+        return True
+    return seen_broadcasts.admit(broadcast_id, attempt)

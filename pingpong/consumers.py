@@ -16,6 +16,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from pingpong import metrics, protocol
+from pingpong.broadcast import broadcast_deliverable
 from pingpong.layer import ChannelLayerUnavailable, layer_call
 from pingpong.limits import TokenBucket, text_too_big
 from pingpong.logs import log_event
@@ -276,8 +277,8 @@ class PingPongConsumer(LeanWebsocketConsumer):
         )
 
     async def broadcast_message(self, message: Message) -> None:
-        """A broadcast from the group: its event was serialised once by the sender."""
-        if self.state < State.CLOSING:
+        """A broadcast from the group: its event was serialised once by the sender; a retry's copy is dropped."""
+        if self.state < State.CLOSING and broadcast_deliverable(message):
             metrics.SENT_BROADCAST.inc()
             await self.send_text(message["event"])
 

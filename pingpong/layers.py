@@ -20,13 +20,27 @@ It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
 
 import asyncio
 import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer
 from channels_redis.utils import _wrap_close
+from redis.exceptions import ResponseError
 
 #: Key that carries the target channel inside a message sent to a process channel.
 TARGET_KEY = "__pingpong_to__"
+
+
+@dataclass
+class PublishProgress:
+    """Whether a PUBLISH reached the socket: after that, a failure leaves the outcome unknown."""
+
+    written: bool = False
+
+
+#: Set by a caller that must tell "not sent" from "unknown" (pingpong.broadcast); `_publish` marks it.
+PUBLISH_PROGRESS: ContextVar[PublishProgress | None] = ContextVar("pingpong_publish_progress", default=None)
 
 
 class _LocalQueue(asyncio.Queue):  # type: ignore[type-arg]
@@ -97,11 +111,36 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         """Publish without the shard lock, which only needs to order (un)subscribes.
 
         redis-py's pool serves concurrent commands; behind the lock, a broadcast on a busy
-        node queued for seconds and the API answered 503.
+        node queued for seconds and the API answered 503. The command is sent by hand, not
+        by `Redis.publish`, for two reasons: the caller's `PublishProgress` is marked at the
+        moment PUBLISH is written (a failure before it means nothing was sent), and redis-py's
+        retry, which writes the PUBLISH again after a connection error, is not used.
         """
         shard = self._get_shard(channel)
         shard._ensure_redis()
-        await shard._redis.publish(channel, data)
+        pool = shard._redis.connection_pool
+        connection = await pool.get_connection()  # connects if needed: nothing of ours is written yet
+        progress = PUBLISH_PROGRESS.get()
+        try:
+            # redis-py 8 skips this check when maintenance notifications are on ("auto"), and
+            # a socket Redis closed would then fail only after PUBLISH was written.
+            if await connection.can_read():  # closed by Redis, or holding stray data: start afresh
+                await connection.disconnect()
+                await connection.connect()
+            await connection.check_health()  # a due health-check PING, before our command
+            if progress is not None:
+                progress.written = True
+            # On an error or a cancellation redis-py drops the connection, so no late reply is
+            # read by the next command.
+            await connection.send_command("PUBLISH", channel, data, check_health=False)
+            try:
+                await connection.read_response()
+            except ResponseError:  # Redis refused the command (an error reply): it did not run
+                if progress is not None:
+                    progress.written = False
+                raise
+        finally:
+            await pool.release(connection)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         if "!" not in channel:

@@ -28,11 +28,25 @@ TERMINAL_CLOSE_CODES: Final = frozenset({CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY_VI
 ERROR_UNKNOWN_MESSAGE: Final = "unknown_message"
 ERROR_BAD_JSON_PING: Final = "bad_request"
 ERROR_SLOW_CONSUMER: Final = "slow_consumer"
+# Broadcast API errors: "unavailable" means nothing was sent; "outcome_unknown" means the
+# PUBLISH was written and its answer never came, so retry with the same id.
+ERROR_UNAVAILABLE: Final = "unavailable"
+ERROR_OUTCOME_UNKNOWN: Final = "outcome_unknown"
 
 # Every /ws/ client joins this group; a broadcast goes to it.
 BROADCAST_GROUP: Final = "broadcast"
 # Channel-layer message type for a broadcast; handled by `broadcast_message`.
 BROADCAST_MESSAGE: Final = "broadcast.message"
+
+# A broadcast id names one broadcast across retries: short, and safe in logs and URLs.
+BROADCAST_ID_MAX_CHARS: Final = 64
+BROADCAST_ID_PATTERN: Final = r"[A-Za-z0-9._:-]{1,64}"
+# Each node remembers the first attempt of every broadcast id for this long, so a retry
+# within the window is not delivered twice ...
+BROADCAST_DEDUP_SECONDS: Final = 300.0
+# ... and at most this many ids (3.4 MB with 64-character ids); past it the oldest id is forgotten early, so
+# the window holds for up to BROADCAST_DEDUP_MAX_IDS / BROADCAST_DEDUP_SECONDS (33) broadcasts/s.
+BROADCAST_DEDUP_MAX_IDS: Final = 10_000
 
 
 def encode_event(event: dict[str, Any]) -> str:

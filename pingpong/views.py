@@ -13,7 +13,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
 from pingpong import protocol
-from pingpong.broadcast import BroadcastInvalid, broadcast_send, broadcast_text_from
+from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown, broadcast_request_from, broadcast_send
 from pingpong.layer import ChannelLayerUnavailable, layer_roundtrip
 from pingpong.node import node
 from pingpong.presence import PresenceUnavailable, presence_start, presence_stats
@@ -68,7 +68,11 @@ def bearer_token_matches(request: HttpRequest, expected: str) -> bool:
 
 @csrf_exempt
 async def broadcast(request: HttpRequest) -> JsonResponse:
-    """POST /api/broadcast {"text": "..."} with a bearer token: send it to every client."""
+    """POST /api/broadcast {"text": "...", "id": "..."} with a bearer token: send it to every client.
+
+    503 means nothing was sent; 504 means the outcome is unknown, and a retry with the same
+    id is safe: each node delivers an id at most once (see pingpong.broadcast).
+    """
     if request.method != "POST":
         return error_response(405, "method_not_allowed", "Use POST.", Allow="POST")
     token = settings.PINGPONG_BROADCAST_TOKEN
@@ -81,14 +85,18 @@ async def broadcast(request: HttpRequest) -> JsonResponse:
     except RequestDataTooBig:
         return error_response(413, "too_large", "The request body is too large.")
     try:
-        text = broadcast_text_from(json.loads(body))
+        wanted = broadcast_request_from(json.loads(body))
     except (ValueError, RecursionError) as error:  # JSON errors and BroadcastInvalid
         detail = str(error) if isinstance(error, BroadcastInvalid) else "The body is not valid JSON."
         return error_response(400, "bad_request", detail)
     try:
-        event = await broadcast_send(text=text)
+        event = await broadcast_send(text=wanted.text, broadcast_id=wanted.id)
+    except BroadcastOutcomeUnknown as error:
+        detail = f"The broadcast may or may not have been sent ({error}); retry with the same id."
+        return JsonResponse({"error": protocol.ERROR_OUTCOME_UNKNOWN, "detail": detail, "id": wanted.id}, status=504)
     except ChannelLayerUnavailable as error:
-        return error_response(503, "unavailable", f"The channel layer is unreachable: {error}")
+        detail = f"The channel layer is unreachable ({error}); nothing was sent."
+        return JsonResponse({"error": protocol.ERROR_UNAVAILABLE, "detail": detail, "id": wanted.id}, status=503)
     return JsonResponse({"status": "accepted", "id": event["id"]}, status=202)
 
 

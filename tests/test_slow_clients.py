@@ -4,6 +4,7 @@ Real daphne processes and raw sockets with a small receive buffer that never rea
 figures the README quotes come from the slow tests here.
 """
 
+import asyncio
 import json
 import selectors
 import threading
@@ -117,7 +118,7 @@ async def test_twenty_non_readers_sending_60_kib_pings_are_all_closed_within_100
             thread.start()
         while any(thread.is_alive() for thread in threads):  # at most 30 s: keep_sending is bounded
             assert await ping_pong(control) == "pong!"
-            time.sleep(0.5)
+            await asyncio.sleep(0.5)
         growth = peak.stop() - start
         for client in clients:
             client.close()

@@ -73,6 +73,29 @@ async def test_broadcast_with_the_token_is_accepted_with_202(api):
     assert response.json()["status"] == "accepted"
 
 
+async def test_broadcast_answers_with_the_id_it_was_given(api):
+    """A caller's id is the broadcast's id, so a retry can name it."""
+    response = await post(api, {"text": "hello", "id": "order-42:v1"})
+    assert response.status_code == 202
+    assert response.json() == {"status": "accepted", "id": "order-42:v1"}
+
+
+async def test_broadcast_without_an_id_answers_with_a_new_one(api):
+    """Without an id the API makes one and returns it."""
+    first, second = (await post(api, {"text": "hello"})).json()["id"], (await post(api, {"text": "hello"})).json()["id"]
+    assert first and second and first != second
+
+
+@pytest.mark.parametrize(
+    "broadcast_id", ["", "x" * 65, "a b", 7, None], ids=["empty", "65-chars", "space", "number", "null"]
+)
+async def test_broadcast_with_a_bad_id_is_400(api, broadcast_id):
+    """An id outside 1-64 of A-Z a-z 0-9 . _ : - is refused before anything is sent."""
+    response = await post(api, {"text": "hello", "id": broadcast_id})
+    assert response.status_code == 400
+    assert '"id"' in response.json()["detail"]
+
+
 @pytest.mark.parametrize("token", [None, "wrong", ""], ids=["missing", "wrong", "empty"])
 async def test_broadcast_without_the_right_token_is_401(api, token):
     response = await post(api, {"text": "hello"}, token=token)
@@ -125,9 +148,11 @@ async def test_broadcast_body_over_the_upload_limit_is_413(api, settings):
 
 
 async def test_broadcast_is_503_when_the_channel_layer_is_unreachable(api, unreachable_redis):
-    response = await post(api, {"text": "hello"})
+    response = await post(api, {"text": "hello", "id": "not-sent"})
     assert response.status_code == 503
     assert response.json()["error"] == "unavailable"
+    assert response.json()["id"] == "not-sent"
+    assert "nothing was sent" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("method", ["get", "put", "delete", "patch"])

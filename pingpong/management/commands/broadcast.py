@@ -1,4 +1,4 @@
-"""`manage.py broadcast "text"`: send one broadcast to every client on every node."""
+"""`manage.py broadcast "text" [--id ID]`: send one broadcast to every client on every node."""
 
 from typing import Any
 
@@ -6,7 +6,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pingpong.broadcast import BroadcastInvalid, broadcast_send, broadcast_text_from
+from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown, broadcast_request_from, broadcast_send
 from pingpong.layer import ChannelLayerUnavailable
 
 
@@ -15,13 +15,26 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("text", help="the text every client receives")
+        parser.add_argument(
+            "--id",
+            help="the broadcast's id (1-64 of A-Z a-z 0-9 . _ : -); give the same id to retry: "
+            "each node delivers an id at most once. Default: a new id",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        payload = {"text": options["text"]}
+        if options["id"] is not None:
+            payload["id"] = options["id"]
         try:
-            text = broadcast_text_from({"text": options["text"]})
-            event = async_to_sync(broadcast_send)(text=text)
+            wanted = broadcast_request_from(payload)
         except BroadcastInvalid as error:
             raise CommandError(str(error)) from error
+        try:
+            event = async_to_sync(broadcast_send)(text=wanted.text, broadcast_id=wanted.id)
+        except BroadcastOutcomeUnknown as error:
+            raise CommandError(
+                f"broadcast {wanted.id} may or may not have been sent ({error}); retry with --id {wanted.id}"
+            ) from error
         except ChannelLayerUnavailable as error:
             raise CommandError(f"the channel layer is unreachable ({error}); nothing was sent") from error
         if not settings.REDIS_URL:
