@@ -17,7 +17,7 @@ CLOSE_UNSUPPORTED_DATA: Final = 4003  # 1003: a binary frame on /ws/
 CLOSE_POLICY_VIOLATION: Final = 4008  # 1008: over the per-connection rate limit
 CLOSE_MESSAGE_TOO_BIG: Final = 4009  # 1009: over PINGPONG_MAX_MESSAGE_BYTES
 CLOSE_SERVICE_RESTART: Final = 4012  # 1012: the node is draining (SIGTERM)
-CLOSE_TRY_AGAIN_LATER: Final = 4013  # 1013: node full, or channel layer unreachable
+CLOSE_TRY_AGAIN_LATER: Final = 4013  # 1013: node full, address at its cap, or channel layer unreachable
 
 # Codes after which a client should not reconnect by itself.
 TERMINAL_CLOSE_CODES: Final = frozenset({CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY_VIOLATION, CLOSE_MESSAGE_TOO_BIG})
@@ -25,6 +25,8 @@ TERMINAL_CLOSE_CODES: Final = frozenset({CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY_VI
 # Error codes carried by {"type": "error", "error": <code>, "detail": <sentence>}.
 ERROR_UNKNOWN_MESSAGE: Final = "unknown_message"
 ERROR_BAD_JSON_PING: Final = "bad_request"
+# This client address holds PINGPONG_MAX_CONNECTIONS_PER_IP connections on the node already.
+ERROR_TOO_MANY_CONNECTIONS: Final = "too_many_connections"
 
 # Every /ws/ client joins this group; a broadcast goes to it.
 BROADCAST_GROUP: Final = "broadcast"

@@ -115,6 +115,9 @@ PINGPONG_MAX_BROADCAST_BYTES = env_int("PINGPONG_MAX_BROADCAST_BYTES", 16 * 1024
 PINGPONG_RATE_PER_SECOND = env_float("PINGPONG_RATE_PER_SECOND", 20.0)
 PINGPONG_RATE_BURST = env_int("PINGPONG_RATE_BURST", 40)
 PINGPONG_MAX_CONNECTIONS = env_int("PINGPONG_MAX_CONNECTIONS", 20000)
+# A tenth of the node per client address: ten addresses are needed to fill a node, while an
+# office or carrier-grade NAT of ~1,000 people with two tabs each still fits on one node.
+PINGPONG_MAX_CONNECTIONS_PER_IP = env_int("PINGPONG_MAX_CONNECTIONS_PER_IP", 2000)
 PINGPONG_DRAIN_SECONDS = env_float("PINGPONG_DRAIN_SECONDS", 10.0)
 PINGPONG_PING_INTERVAL = env_float("PINGPONG_PING_INTERVAL", 20.0, minimum=1.0)
 PINGPONG_PING_TIMEOUT = env_float("PINGPONG_PING_TIMEOUT", 20.0, minimum=1.0)

@@ -77,6 +77,21 @@ def test_load_balancer_read_timeout_outlasts_the_heartbeat():
     assert read_timeout > heartbeat
 
 
+def test_nginx_caps_connections_per_client_address_above_the_app_cap():
+    """nginx counts per $binary_remote_addr across replicas; the app's own per-node cap answers first."""
+    assert re.search(r"^\s*limit_conn_zone \$binary_remote_addr zone=per_ip:\d+m;", NGINX, re.MULTILINE)
+    nginx_cap = int(re.search(r"^\s*limit_conn per_ip (\d+);", NGINX, re.MULTILINE).group(1))
+    app_cap = int(APP_ENV["PINGPONG_MAX_CONNECTIONS_PER_IP"])
+    assert 0 < app_cap <= int(APP_ENV["PINGPONG_MAX_CONNECTIONS"])
+    assert nginx_cap == app_cap * APP["deploy"]["replicas"]
+
+
+def test_nginx_drops_a_handshake_that_never_finishes_its_head():
+    """limit_conn cannot count a request whose head never arrives; the header timeout ends it."""
+    timeout = seconds(re.search(r"client_header_timeout\s+(\S+);", NGINX).group(1))
+    assert 0 < timeout <= settings.PINGPONG_HTTP_IDLE_TIMEOUT
+
+
 def test_nginx_body_limit_matches_the_api_limit():
     limit = re.search(r"client_max_body_size\s+(\d+)k;", NGINX).group(1)
     assert int(limit) * 1024 == settings.DATA_UPLOAD_MAX_MEMORY_SIZE
