@@ -126,6 +126,9 @@ PINGPONG_PROXY_HEADER = env_str("PINGPONG_PROXY_HEADER")
 # balancer's keep-alive idle timeout (60 s on most) so it never closes a connection the LB reuses.
 PINGPONG_HTTP_IDLE_TIMEOUT = env_float("PINGPONG_HTTP_IDLE_TIMEOUT", 75.0, minimum=1.0)
 PINGPONG_NODE_ID = env_str("PINGPONG_NODE_ID")  # empty: <hostname>-<pid>
+# Seconds a node's presence count lives in Redis; it is rewritten every (TTL - 2) / 2 s, so two
+# writes may fail before a live node blinks out of /api/stats (12: every 5 s).
+PINGPONG_PRESENCE_TTL = env_int("PINGPONG_PRESENCE_TTL", 12, minimum=3)
 PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", 2.0, minimum=0.1)
 
 LOG_FORMAT = env_str("PINGPONG_LOG_FORMAT", "text")
