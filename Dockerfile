@@ -5,7 +5,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    DJANGO_STATIC_ROOT=/app/staticfiles
+    DJANGO_STATIC_ROOT=/app/staticfiles \
+    # Limits that fit one node in 1 GiB at worst: see "Memory budget" in the README.
+    PINGPONG_MAX_CONNECTIONS=4000 \
+    PINGPONG_MAX_MESSAGE_BYTES=16384 \
+    PINGPONG_MAX_PENDING_BYTES=131072
 
 WORKDIR /app
 COPY pyproject.toml README.md manage.py ./

@@ -20,7 +20,7 @@ from pingpong.broadcast import broadcast_deliverable
 from pingpong.layer import ChannelLayerUnavailable, layer_call
 from pingpong.limits import TokenBucket, text_too_big
 from pingpong.logs import log_event
-from pingpong.node import node
+from pingpong.node import Admission, node
 
 logger = logging.getLogger("pingpong.connections")
 
@@ -123,8 +123,23 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         if self.layer_failed:
             await self.refuse_unavailable()
             return
-        if not node.admit(self, limit=settings.PINGPONG_MAX_CONNECTIONS):
-            reason = "draining" if node.draining else "full"
+        admission = node.admit(
+            self,
+            limit=settings.PINGPONG_MAX_CONNECTIONS,
+            address=self.client_address,
+            address_limit=settings.PINGPONG_MAX_CONNECTIONS_PER_IP,
+        )
+        if admission is Admission.ADDRESS_FULL:
+            metrics.LIMIT_HITS.labels("connections_per_ip").inc()
+            await self.refuse(
+                protocol.CLOSE_TRY_AGAIN_LATER,
+                protocol.ERROR_TOO_MANY_CONNECTIONS,
+                f"Your address has {settings.PINGPONG_MAX_CONNECTIONS_PER_IP} connections open on this node "
+                "already; close one or try again later.",
+            )
+            return
+        if not admission:
+            reason = admission.value  # "draining" or "full"
             metrics.LIMIT_HITS.labels("connections").inc()
             await self.refuse(protocol.CLOSE_TRY_AGAIN_LATER, reason, f"This node is {reason}; try again later.")
             return
@@ -238,9 +253,14 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         """Handle one binary frame within the limits."""
 
     @property
-    def client_ip(self) -> str:
+    def client_address(self) -> str | None:
+        """The client's address: the peer's, or PINGPONG_PROXY_HEADER's as daphne filled it in."""
         client = self.scope.get("client")
-        return str(client[0]) if client else "-"
+        return str(client[0]) if client else None
+
+    @property
+    def client_ip(self) -> str:
+        return self.client_address or "-"
 
 
 class PingPongConsumer(LeanWebsocketConsumer):

@@ -34,3 +34,16 @@ def text_too_big(text: str, limit: int) -> bool:
     if len(text) > limit:
         return True
     return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+# Measured on a fresh `manage.py serve` (RSS right after start) and by the benchmark's W2
+# (RSS per idle connection on daphne, 29.3 KB); see "Memory budget" in the README.
+BASE_MEMORY_BYTES = 80 * 1024 * 1024
+CONNECTION_OVERHEAD_BYTES = 30 * 1024
+
+
+def memory_budget(*, connections: int, max_message_bytes: int, max_pending_bytes: int) -> int:
+    """Worst-case RSS of a node: every connection at once holding a message coming in, one past
+    its pending cap going out, and the cap itself (kernel socket buffers come on top)."""
+    per_connection = CONNECTION_OVERHEAD_BYTES + 2 * max_message_bytes + max_pending_bytes
+    return BASE_MEMORY_BYTES + connections * per_connection

@@ -1,35 +1,91 @@
-"""This process's websocket connections: the per-node cap and the graceful drain."""
+"""This process's websocket connections: the per-node and per-address caps, and the graceful drain."""
 
 import asyncio
+import enum
+import ipaddress
 import logging
 import time
 from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
+# IPv6 clients are counted per /64: one host is usually given a whole /64 and may pick any
+# address in it, so counting single addresses would let it open a fresh one per connection.
+IPV6_PREFIX_LENGTH = 64
+
 
 class Closable(Protocol):
     async def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
 
+class Admission(enum.Enum):
+    """The answer to a new connection; only ADMITTED counts it in."""
+
+    ADMITTED = "admitted"
+    DRAINING = "draining"
+    FULL = "full"  # PINGPONG_MAX_CONNECTIONS
+    ADDRESS_FULL = "address_full"  # PINGPONG_MAX_CONNECTIONS_PER_IP
+
+    def __bool__(self) -> bool:
+        # `if not node.admit(...)` keeps reading as "refused".
+        return self is Admission.ADMITTED
+
+
+def address_key(host: str | None) -> str | None:
+    """The key a client is counted under: the IPv4 address, or the IPv6 /64; None when unknown."""
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an IP (a unix socket, a proxy's odd header): counted as given
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX_LENGTH), strict=False))
+    return str(address)
+
+
 class Node:
-    """The connections open on this process, and whether it is draining."""
+    """The connections open on this process, per client address, and whether it is draining."""
 
     def __init__(self) -> None:
         self.connections: set[Closable] = set()
+        # Only addresses with at least one connection have an entry, so the map cannot grow
+        # with every address ever seen.
+        self.per_address: dict[str, int] = {}
+        self._address_of: dict[Closable, str] = {}
         self.draining = False
         self._empty = asyncio.Event()
 
-    def admit(self, connection: Closable, *, limit: int) -> bool:
-        """Count a new connection in; False when the node is draining or full (limit 0: no cap)."""
-        if self.draining or (limit and len(self.connections) >= limit):
-            return False
+    def admit(
+        self, connection: Closable, *, limit: int, address: str | None = None, address_limit: int = 0
+    ) -> Admission:
+        """Count a new connection in, unless the node is draining or full, or its address is at
+        `address_limit` (limits of 0: no cap; an unknown address is not capped)."""
+        if self.draining:
+            return Admission.DRAINING
+        if limit and len(self.connections) >= limit:
+            return Admission.FULL
+        key = address_key(address)
+        if key is not None and address_limit and self.per_address.get(key, 0) >= address_limit:
+            return Admission.ADDRESS_FULL
         self.connections.add(connection)
-        return True
+        if key is not None:
+            self.per_address[key] = self.per_address.get(key, 0) + 1
+            self._address_of[connection] = key
+        return Admission.ADMITTED
 
     def release(self, connection: Closable) -> None:
-        """Count a connection out; wakes a drain waiting for the last one."""
+        """Count a connection out (of the node and its address); wakes a drain waiting for the last one."""
         self.connections.discard(connection)
+        key = self._address_of.pop(connection, None)
+        if key is not None:
+            left = self.per_address[key] - 1
+            if left:
+                self.per_address[key] = left
+            else:
+                del self.per_address[key]
         if not self.connections:
             self._empty.set()
 

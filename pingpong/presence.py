@@ -1,9 +1,14 @@
 """Presence: how many websockets are open on each node, and in the whole cluster.
 
 With Redis, every node keeps one key, `<prefix>:presence:<node id>`, holding its open
-connection count. A refresher rewrites it every REFRESH_SECONDS with a TTL of
-TTL_SECONDS, so a node that dies without a word (SIGKILL, lost host) drops out within
-TTL_SECONDS, never more than 15 s. Reading sums the keys that are still alive.
+connection count. A refresher rewrites it every (TTL - 2) / 2 seconds with a TTL of
+PINGPONG_PRESENCE_TTL (12 s: every 5 s), so a node that dies without a word (SIGKILL,
+lost host) drops out within the TTL. Reading sums the keys that are still alive.
+
+When this node cannot write its own key (Redis at `maxmemory` with `noeviction` answers
+writes with OOM while reads still work), the other nodes almost surely cannot either:
+their keys expire and a sum of the survivors would be a wrong total that looks right.
+So while this node's last write failed, the stats raise PresenceStale (503) instead.
 
 Without Redis (the in-memory layer) there is no cluster to see: the answer is this
 process alone.
@@ -24,9 +29,6 @@ from pingpong.node import node
 
 logger = logging.getLogger(__name__)
 
-REFRESH_SECONDS: Final = 5.0
-# Two refreshes may fail (a Redis hiccup) before a live node blinks out; a dead one is gone in 12 s.
-TTL_SECONDS: Final = 12
 REDIS_TIMEOUT_SECONDS: Final = 1.0
 # SCAN pages are bounded so a Redis full of other keys cannot stall a stats request.
 SCAN_COUNT: Final = 500
@@ -44,6 +46,20 @@ class Stats(TypedDict):
 
 class PresenceUnavailable(Exception):
     """Redis could not be reached in time, so the cluster count is unknown."""
+
+
+class PresenceStale(PresenceUnavailable):
+    """This node cannot write its count, so other nodes' counts may have expired: the total may be wrong."""
+
+
+def presence_ttl() -> int:
+    """Seconds a published count lives: PINGPONG_PRESENCE_TTL."""
+    return int(settings.PINGPONG_PRESENCE_TTL)
+
+
+def presence_refresh_seconds(ttl: int) -> float:
+    """How often to rewrite the count: two writes may fail (a Redis hiccup) before the key expires."""
+    return (ttl - 2) / 2
 
 
 def presence_node_id() -> str:
@@ -65,7 +81,7 @@ def presence_summary(nodes: dict[str, int]) -> Stats:
     return {"connections": sum(nodes.values()), "nodes": dict(sorted(nodes.items()))}
 
 
-async def presence_publish(client: Redis, *, prefix: str, node_id: str, count: int, ttl: int = TTL_SECONDS) -> None:
+async def presence_publish(client: Redis, *, prefix: str, node_id: str, count: int, ttl: int) -> None:
     """Write this node's count with a TTL; the node vanishes unless this runs again in time."""
     await client.set(presence_key(prefix=prefix, node_id=node_id), count, ex=ttl)
 
@@ -97,6 +113,8 @@ async def presence_read(client: Redis, *, prefix: str) -> dict[str, int]:
 # One client per event loop: redis.asyncio connections belong to the loop that made them.
 _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Redis]" = weakref.WeakKeyDictionary()
 _refreshers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]]" = weakref.WeakKeyDictionary()
+# Why this loop's last write of its count failed; no entry while writes succeed.
+_write_errors: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, str]" = weakref.WeakKeyDictionary()
 
 
 def presence_client() -> Redis:
@@ -113,39 +131,57 @@ def presence_client() -> Redis:
     return client
 
 
+async def presence_write() -> bool:
+    """Write this node's count now; remember whether it failed (see PresenceStale). True on success."""
+    loop = asyncio.get_running_loop()
+    prefix, node_id, ttl = presence_prefix(), presence_node_id(), presence_ttl()
+    try:
+        async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS):
+            await presence_publish(
+                presence_client(), prefix=prefix, node_id=node_id, count=len(node.connections), ttl=ttl
+            )
+    except PRESENCE_ERRORS as error:
+        if loop not in _write_errors:  # one line per outage, not one every few seconds
+            logger.warning("presence: cannot publish to Redis: %s", error or type(error).__name__)
+        _write_errors[loop] = str(error) or type(error).__name__
+        return False
+    if _write_errors.pop(loop, None) is not None:
+        logger.info("presence: publishing to Redis again")
+    return True
+
+
 async def presence_stats() -> Stats:
     """Connections per live node and in total; this node's own count is always the live one.
 
-    Raises PresenceUnavailable when Redis does not answer within a few seconds.
+    Raises PresenceUnavailable when Redis does not answer within a few seconds, and
+    PresenceStale when this node cannot write its own count (one more try is made first).
     """
     node_id = presence_node_id()
     here = len(node.connections)
     if not settings.REDIS_URL:
         return presence_summary({node_id: here})
+    error = _write_errors.get(asyncio.get_running_loop())
+    if error is not None and not await presence_write():
+        raise PresenceStale(
+            f"This node cannot write its count to Redis ({error}), so other nodes' counts may have "
+            "expired and the cluster total may be wrong."
+        )
     try:
         async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS):
             nodes = await presence_read(presence_client(), prefix=presence_prefix())
     except PRESENCE_ERRORS as error:
-        raise PresenceUnavailable(str(error) or type(error).__name__) from error
+        raise PresenceUnavailable(
+            f"Redis is unreachable, so the cluster count is unknown: {str(error) or type(error).__name__}"
+        ) from error
     nodes[node_id] = here
     return presence_summary(nodes)
 
 
-async def presence_refresh_forever(*, interval: float = REFRESH_SECONDS) -> None:
-    """Publish this node's count every `interval` seconds until cancelled; survives Redis outages."""
-    prefix, node_id = presence_prefix(), presence_node_id()
-    failing = False
+async def presence_refresh_forever() -> None:
+    """Publish this node's count every refresh interval until cancelled; survives Redis outages."""
+    interval = presence_refresh_seconds(presence_ttl())
     while True:
-        try:
-            async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS):
-                await presence_publish(presence_client(), prefix=prefix, node_id=node_id, count=len(node.connections))
-            if failing:
-                logger.info("presence: publishing to Redis again")
-            failing = False
-        except PRESENCE_ERRORS as error:
-            if not failing:  # one line per outage, not one every few seconds
-                logger.warning("presence: cannot publish to Redis: %s", error or type(error).__name__)
-            failing = True
+        await presence_write()
         await asyncio.sleep(interval)
 
 
@@ -168,6 +204,7 @@ async def presence_stop() -> None:
     task = _refreshers.pop(loop, None)
     if task is not None:
         task.cancel()
+    _write_errors.pop(loop, None)
     client = _clients.pop(loop, None)
     if client is None:
         return

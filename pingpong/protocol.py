@@ -17,7 +17,7 @@ CLOSE_UNSUPPORTED_DATA: Final = 4003  # 1003: a binary frame on /ws/
 CLOSE_POLICY_VIOLATION: Final = 4008  # 1008: over the per-connection rate limit
 CLOSE_MESSAGE_TOO_BIG: Final = 4009  # 1009: over PINGPONG_MAX_MESSAGE_BYTES
 CLOSE_SERVICE_RESTART: Final = 4012  # 1012: the node is draining (SIGTERM)
-CLOSE_TRY_AGAIN_LATER: Final = 4013  # 1013: node full, or channel layer unreachable
+CLOSE_TRY_AGAIN_LATER: Final = 4013  # 1013: node full, address at its cap, or channel layer unreachable
 # No RFC 6455 code means "you read too slowly", so this one sits outside the 4000 + RFC range.
 CLOSE_SLOW_CONSUMER: Final = 4100  # more than PINGPONG_MAX_PENDING_BYTES waited for the client
 
@@ -32,6 +32,8 @@ ERROR_SLOW_CONSUMER: Final = "slow_consumer"
 # PUBLISH was written and its answer never came, so retry with the same id.
 ERROR_UNAVAILABLE: Final = "unavailable"
 ERROR_OUTCOME_UNKNOWN: Final = "outcome_unknown"
+# This client address holds PINGPONG_MAX_CONNECTIONS_PER_IP connections on the node already.
+ERROR_TOO_MANY_CONNECTIONS: Final = "too_many_connections"
 
 # Every /ws/ client joins this group; a broadcast goes to it.
 BROADCAST_GROUP: Final = "broadcast"

@@ -108,5 +108,5 @@ async def stats(request: HttpRequest) -> JsonResponse:
     presence_start()
     try:
         return JsonResponse(await presence_stats())
-    except PresenceUnavailable as error:
-        return error_response(503, "unavailable", f"Redis is unreachable, so the cluster count is unknown: {error}")
+    except PresenceUnavailable as error:  # unreachable, or this node's count cannot be written (PresenceStale)
+        return error_response(503, "unavailable", str(error))

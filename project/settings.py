@@ -118,6 +118,9 @@ PINGPONG_MAX_CONNECTIONS = env_int("PINGPONG_MAX_CONNECTIONS", 20000)
 # Bytes the server may hold for one client that has not read them (beyond what the kernel took):
 # four of the largest client messages, 16 of the largest broadcasts. See "Memory budget" in the README.
 PINGPONG_MAX_PENDING_BYTES = env_int("PINGPONG_MAX_PENDING_BYTES", 256 * 1024, minimum=1024)
+# A tenth of the node per client address: ten addresses are needed to fill a node, while an
+# office or carrier-grade NAT of ~1,000 people with two tabs each still fits on one node.
+PINGPONG_MAX_CONNECTIONS_PER_IP = env_int("PINGPONG_MAX_CONNECTIONS_PER_IP", 2000)
 PINGPONG_DRAIN_SECONDS = env_float("PINGPONG_DRAIN_SECONDS", 10.0)
 PINGPONG_PING_INTERVAL = env_float("PINGPONG_PING_INTERVAL", 20.0, minimum=1.0)
 PINGPONG_PING_TIMEOUT = env_float("PINGPONG_PING_TIMEOUT", 20.0, minimum=1.0)
@@ -126,6 +129,9 @@ PINGPONG_PROXY_HEADER = env_str("PINGPONG_PROXY_HEADER")
 # balancer's keep-alive idle timeout (60 s on most) so it never closes a connection the LB reuses.
 PINGPONG_HTTP_IDLE_TIMEOUT = env_float("PINGPONG_HTTP_IDLE_TIMEOUT", 75.0, minimum=1.0)
 PINGPONG_NODE_ID = env_str("PINGPONG_NODE_ID")  # empty: <hostname>-<pid>
+# Seconds a node's presence count lives in Redis; it is rewritten every (TTL - 2) / 2 s, so two
+# writes may fail before a live node blinks out of /api/stats (12: every 5 s).
+PINGPONG_PRESENCE_TTL = env_int("PINGPONG_PRESENCE_TTL", 12, minimum=3)
 PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", 2.0, minimum=0.1)
 
 LOG_FORMAT = env_str("PINGPONG_LOG_FORMAT", "text")

@@ -60,10 +60,11 @@ def redis_binary() -> str | None:
 class RedisServer:
     """A redis-server on a free port that keeps nothing on disk; restartable on the same port."""
 
-    def __init__(self, binary: str, *, password: str | None = None) -> None:
+    def __init__(self, binary: str, *, password: str | None = None, args: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.port = free_port()
         self.password = password
+        self.args = args  # more redis-server options, e.g. ("--maxmemory", "8mb")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,6 +76,7 @@ class RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: port_open(self.port), timeout=10, what="redis-server to listen")
 

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import yaml
 
+from pingpong.limits import memory_budget
 from project import settings
 from tests.processes import ROOT
 
@@ -77,6 +78,21 @@ def test_load_balancer_read_timeout_outlasts_the_heartbeat():
     assert read_timeout > heartbeat
 
 
+def test_nginx_caps_connections_per_client_address_above_the_app_cap():
+    """nginx counts per $binary_remote_addr across replicas; the app's own per-node cap answers first."""
+    assert re.search(r"^\s*limit_conn_zone \$binary_remote_addr zone=per_ip:\d+m;", NGINX, re.MULTILINE)
+    nginx_cap = int(re.search(r"^\s*limit_conn per_ip (\d+);", NGINX, re.MULTILINE).group(1))
+    app_cap = int(APP_ENV["PINGPONG_MAX_CONNECTIONS_PER_IP"])
+    assert 0 < app_cap <= int(APP_ENV["PINGPONG_MAX_CONNECTIONS"])
+    assert nginx_cap == app_cap * APP["deploy"]["replicas"]
+
+
+def test_nginx_drops_a_handshake_that_never_finishes_its_head():
+    """limit_conn cannot count a request whose head never arrives; the header timeout ends it."""
+    timeout = seconds(re.search(r"client_header_timeout\s+(\S+);", NGINX).group(1))
+    assert 0 < timeout <= settings.PINGPONG_HTTP_IDLE_TIMEOUT
+
+
 def test_nginx_body_limit_matches_the_api_limit():
     limit = re.search(r"client_max_body_size\s+(\d+)k;", NGINX).group(1)
     assert int(limit) * 1024 == settings.DATA_UPLOAD_MAX_MEMORY_SIZE
@@ -119,3 +135,35 @@ def test_compose_refuses_to_start_without_a_secret():
     result = compose_config({})
     assert result.returncode != 0
     assert "DJANGO_SECRET_KEY" in result.stderr
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The ENV variables the image sets."""
+    block = re.search(r"^ENV (.*?)\n\n", DOCKERFILE, re.MULTILINE | re.DOTALL)
+    assert block is not None
+    return dict(re.findall(r"(\w+)=(\S+)", block.group(1)))
+
+
+def size(value: str) -> int:
+    """A compose memory size such as 512M or 1G in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([KMG])", value).groups()  # type: ignore[union-attr]
+    return int(number) * 1024 ** "KMG".index(unit) * 1024
+
+
+def test_a_full_node_with_every_client_at_its_caps_fits_in_the_container_memory_limit():
+    """Compose's env over the image's over the settings' defaults: the worst case fits the memory limit."""
+    effective = {**dockerfile_env(), **APP_ENV}
+
+    def setting(name: str) -> int:
+        return int(effective.get(name, getattr(settings, name)))
+
+    budget = memory_budget(
+        connections=setting("PINGPONG_MAX_CONNECTIONS"),
+        max_message_bytes=setting("PINGPONG_MAX_MESSAGE_BYTES"),
+        max_pending_bytes=setting("PINGPONG_MAX_PENDING_BYTES"),
+    )
+    assert budget <= size(APP["deploy"]["resources"]["limits"]["memory"])
+
+
+def test_the_image_and_compose_agree_on_the_connection_cap():
+    assert dockerfile_env()["PINGPONG_MAX_CONNECTIONS"] == APP_ENV["PINGPONG_MAX_CONNECTIONS"]

@@ -17,6 +17,7 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
@@ -44,6 +45,8 @@ TRANSPORT_LIMIT = MAX_MESSAGE_BYTES + 4096
 MAX_BROADCAST_BYTES = 512
 RATE_PER_SECOND = 100
 RATE_BURST = 40
+# Low, so a row can reach it; the control client and every other row stay well below it.
+MAX_CONNECTIONS_PER_IP = 12
 # Proposed setting (see the report): Twisted keeps a stalled HTTP request open for 12 hours.
 HTTP_IDLE_TIMEOUT = 3
 
@@ -195,6 +198,25 @@ def churn(*, rounds: int) -> Probe:
             with socket.create_connection((LOOPBACK, node.port), timeout=5):
                 pass  # TCP only, no request at all
         return f"churned {rounds * 3}"
+
+    return probe
+
+
+def address_flood(*, most: int) -> Probe:
+    """Open connections from one address, keeping each, until one is refused (at most `most`)."""
+
+    def probe(node: DaphneNode) -> str:
+        with ExitStack() as held:  # every connection stays open until the probe returns
+            for _ in range(most):
+                ws = held.enter_context(ws_client(node))
+                try:
+                    ws.send("ping")
+                except ConnectionClosed:
+                    pass  # refused at once: what it said is still read below
+                replies = ws_replies(ws, 1)
+                if replies != ["pong!", "open"]:
+                    return ", ".join(replies)
+            return f"admitted {most}"
 
     return probe
 
@@ -437,6 +459,11 @@ ROWS = [
         "error rate_limited, close 4008",
     ),
     Row("connect/disconnect churn", churn(rounds=25), "churned 75"),
+    Row(
+        "one address opens connections until refused",
+        address_flood(most=MAX_CONNECTIONS_PER_IP + 1),
+        "error too_many_connections, close 4013",
+    ),
     # The HTTP API.
     Row("broadcast: valid", api_broadcast("hello from the corpus"), "http 202, delivered"),
     Row("broadcast: not JSON", api(body=b"{"), "http 400"),
@@ -497,6 +524,7 @@ def node() -> Iterator[DaphneNode]:
             "PINGPONG_RATE_PER_SECOND": str(RATE_PER_SECOND),
             "PINGPONG_RATE_BURST": str(RATE_BURST),
             "PINGPONG_HTTP_IDLE_TIMEOUT": str(HTTP_IDLE_TIMEOUT),
+            "PINGPONG_MAX_CONNECTIONS_PER_IP": str(MAX_CONNECTIONS_PER_IP),
         }
     )
     try:
