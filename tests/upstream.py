@@ -1,0 +1,46 @@
+"""Libraries' own test suites, fetched from the package index at test time, never copied into the repo.
+
+Where pingpong subclasses or replaces a library's class, that library's tests run against ours:
+`upstream_sdist("channels")` downloads the sdist of the installed version once per machine (into
+pytest's cache directory) and returns its unpacked root.
+"""
+
+import importlib.metadata
+import json
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from tests.processes import ROOT
+
+CACHE = ROOT / ".pytest_cache" / "upstream"
+INDEX = "https://pypi.org/pypi/{package}/json"
+
+
+def sdist_url(package: str, version: str) -> str:
+    """The download address of `package`'s sdist at `version`, from the index's JSON API."""
+    with urllib.request.urlopen(INDEX.format(package=package), timeout=60) as response:
+        releases = json.load(response)["releases"]
+    for file in releases.get(version, []):
+        if file["packagetype"] == "sdist":
+            return str(file["url"])
+    raise LookupError(f"{package} {version} has no sdist on the package index")
+
+
+def upstream_sdist(package: str) -> Path:
+    """The unpacked sdist of the installed version of `package` (downloaded on first use)."""
+    version = importlib.metadata.version(package)
+    target = CACHE / f"{package}-{version}"
+    if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
+            archive = Path(scratch) / "sdist.tar.gz"
+            with urllib.request.urlopen(sdist_url(package, version), timeout=120) as response:
+                archive.write_bytes(response.read())
+            with tarfile.open(archive) as tar:
+                tar.extractall(scratch, filter="data")
+            (unpacked,) = [path for path in Path(scratch).iterdir() if path.is_dir()]
+            shutil.move(unpacked, target)  # whole or not at all: a failed download leaves nothing behind
+    return target
