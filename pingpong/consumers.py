@@ -1,195 +1,99 @@
-"""Websocket consumers: thin entry points that check limits and call plain functions."""
+"""Websocket consumers: admission, limits and refusals over the lean base; thin endpoints over them."""
 
-import asyncio
-import enum
-import functools
 import json
 import logging
 import time
 import uuid
 from typing import Any
 
-from channels.consumer import get_handler_name
-from channels.exceptions import StopConsumer
-from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.layers import get_channel_layer
-from django.conf import settings
+from channels.exceptions import AcceptConnection, DenyConnection
 
 from pingpong import metrics, protocol
 from pingpong.broadcast import broadcast_deliverable
+from pingpong.conf import setting
 from pingpong.layer import ChannelLayerUnavailable, layer_call
 from pingpong.limits import TokenBucket, text_too_big
 from pingpong.logs import log_event
 from pingpong.node import Admission, node
+from pingpong.websocket import LeanWebsocketConsumer, Message, State
 
 logger = logging.getLogger("pingpong.connections")
 
-Message = dict[str, Any]
 
+class GuardedWebsocketConsumer(LeanWebsocketConsumer):
+    """A lean consumer that no client can use to hurt the node.
 
-class State(enum.IntEnum):
-    """Where a connection is in its life; it only moves forward."""
-
-    CONNECTING = 0  # handshake received, not yet counted in
-    OPEN = 1  # admitted: counted in the node, the gauge and the open log line
-    CLOSING = 2  # close sent: later client frames and layer messages are dropped
-    CLOSED = 3  # counted out: released, gauge down, close logged, groups left
-
-
-class LeanWebsocketConsumer(AsyncWebsocketConsumer):
-    """An AsyncWebsocketConsumer without per-message overhead, with the node's limits.
-
-    Channels' stock receive loop creates a task and runs `asyncio.wait` for every
-    message, and its `dispatch` hops to a thread to close database connections we
-    never open. Here one loop reads the client and, when the consumer joins groups,
-    a second task reads the channel layer; both call the handlers directly.
+    Before `connect` runs, a connection is admitted by the node (per-node and per-address caps,
+    not draining) and the channel layer must answer within PINGPONG_LAYER_TIMEOUT; otherwise the
+    handshake is accepted only to send an error event and close with 4013. Every client frame is
+    held to the size and rate limits before `receive` sees it. An admitted connection is counted
+    in and out exactly once: the node's count, the gauge and one log line each way.
     """
 
-    #: Join the channel layer (and these groups) after accepting.
-    groups: list[str] = []
-
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:  # type: ignore[override]
-        self.scope = scope
-        self.base_send = send
-        self.channel_layer = get_channel_layer(self.channel_layer_alias) if self.groups else None
         self.connection_id = uuid.uuid4().hex[:12]
-        self.state = State.CONNECTING
         self.opened_at: float | None = None  # set when counted in
-        self.joined: list[str] = []
         self.layer_failed = False
-        self.rate = TokenBucket(rate=settings.PINGPONG_RATE_PER_SECOND, burst=settings.PINGPONG_RATE_BURST)
-        self.max_message_bytes = settings.PINGPONG_MAX_MESSAGE_BYTES  # read once: settings lookups cost per message
-        layer_task: asyncio.Task[None] | None = None
-        if self.channel_layer is not None:
-            try:
-                self.channel_name = await layer_call(self.channel_layer.new_channel(), operation="new_channel")
-            except ChannelLayerUnavailable as error:
-                logger.warning("channel layer unreachable at connect: %s", error)
-                self.layer_failed = True
-            else:
-                self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
-                layer_task = asyncio.ensure_future(self._read_layer())
-        try:
-            while True:
-                await self.dispatch(await receive())
-        except StopConsumer:
-            pass
-        finally:
-            if layer_task is not None:
-                layer_task.cancel()
-                try:
-                    await layer_task
-                except asyncio.CancelledError:
-                    pass
-            # However the loop ended (disconnect, cancellation by the server, a bug in a handler),
-            # the connection is counted out exactly once.
-            await self.count_out(code=None)
+        self.joined: list[str] = []
+        self.rate = TokenBucket(rate=setting("PINGPONG_RATE_PER_SECOND"), burst=setting("PINGPONG_RATE_BURST"))
+        self.max_message_bytes = setting("PINGPONG_MAX_MESSAGE_BYTES")  # read once: lookups cost per message
+        await super().__call__(scope, receive, send)
 
-    async def _read_layer(self) -> None:
-        """Pass channel-layer messages to their handlers until cancelled."""
-        while True:
-            message = await self.channel_receive()
-            if self.state >= State.CLOSING:
-                continue  # the client will not read it; nothing to log
-            kind = str(message.get("type", ""))
-            if kind.startswith("websocket."):
-                # Only the server may speak for the client's socket.
-                logger.warning("dropped channel-layer message posing as %r", kind)
-                continue
-            try:
-                await self.dispatch(message)
-            except StopConsumer:
-                raise
-            except Exception:
-                logger.exception("handler for %r failed; the connection stays open", kind)
-
-    async def dispatch(self, message: Message) -> None:
-        """Call the handler for the message type; log and drop types we have no handler for."""
-        if message.get("type") == "websocket.receive":  # the per-message case, without the name lookup
-            await self.websocket_receive(message)
-            return
+    async def channel_open(self) -> bool:
+        """A channel name within the layer deadline; an unreachable layer is refused at connect."""
+        assert self.channel_layer is not None
         try:
-            handler = getattr(self, get_handler_name(message), None)
-        except ValueError:
-            handler = None
-        if handler is None:
-            logger.warning("dropped message of unknown type %r", message.get("type"))
-            return
-        await handler(message)
+            self.channel_name = await layer_call(self.channel_layer.new_channel(), operation="new_channel")
+        except ChannelLayerUnavailable as error:
+            logger.warning("channel layer unavailable at connect: %s", error)
+            self.layer_failed = True
+            return False
+        return True
 
     async def websocket_connect(self, message: Message) -> None:
-        """Accept, then turn away with 4013 when the node is full or the layer is down."""
-        await self.accept()
+        """Admit, join the groups within the deadline, then call `connect` (which accepts by default)."""
         if self.layer_failed:
             await self.refuse_unavailable()
             return
         admission = node.admit(
             self,
-            limit=settings.PINGPONG_MAX_CONNECTIONS,
+            limit=setting("PINGPONG_MAX_CONNECTIONS"),
             address=self.client_address,
-            address_limit=settings.PINGPONG_MAX_CONNECTIONS_PER_IP,
+            address_limit=setting("PINGPONG_MAX_CONNECTIONS_PER_IP"),
         )
         if admission is Admission.ADDRESS_FULL:
             metrics.LIMIT_HITS.labels("connections_per_ip").inc()
             await self.refuse(
                 protocol.CLOSE_TRY_AGAIN_LATER,
                 protocol.ERROR_TOO_MANY_CONNECTIONS,
-                f"Your address has {settings.PINGPONG_MAX_CONNECTIONS_PER_IP} connections open on this node "
+                f"Your address has {setting('PINGPONG_MAX_CONNECTIONS_PER_IP')} connections open on this node "
                 "already; close one or try again later.",
             )
             return
         if not admission:
-            reason = admission.value  # "draining" or "full"
+            reason = admission.value  # protocol.ERROR_DRAINING or ERROR_FULL
             metrics.LIMIT_HITS.labels("connections").inc()
             await self.refuse(protocol.CLOSE_TRY_AGAIN_LATER, reason, f"This node is {reason}; try again later.")
             return
         self.count_in()
         try:
-            if self.channel_layer is not None:
-                for group in self.groups:
-                    await layer_call(self.channel_layer.group_add(group, self.channel_name), operation="group_add")
-                    self.joined.append(group)
+            for group in self.groups:
+                assert self.channel_layer is not None, "groups need a channel layer"
+                await layer_call(self.channel_layer.group_add(group, self.channel_name), operation="group_add")
+                self.joined.append(group)
         except ChannelLayerUnavailable as error:
-            logger.warning("channel layer unreachable at group_add: %s", error)
+            logger.warning("channel layer unavailable at group_add: %s", error)
             await self.refuse_unavailable()
-
-    def count_in(self) -> None:
-        """The one place a connection is counted open: state, gauge, log line (the node has admitted it)."""
-        self.state = State.OPEN
-        self.opened_at = time.monotonic()
-        metrics.CONNECTIONS_OPEN.inc()
-        metrics.CONNECTIONS_OPENED.labels(self.scope.get("path", "")).inc()
-        log_event(logger, "open", id=self.connection_id, path=self.scope.get("path"), client=self.client_ip)
-
-    async def count_out(self, *, code: int | None) -> None:
-        """The one place a connection is counted closed; runs once, whatever ended it."""
-        if self.state is State.CLOSED:
             return
-        self.state = State.CLOSED
-        if self.opened_at is None:  # refused before admission: never counted in
-            return
-        node.release(self)
-        metrics.CONNECTIONS_OPEN.dec()
-        metrics.CONNECTIONS_CLOSED.labels(str(code)).inc()
-        log_event(
-            logger,
-            "close",
-            id=self.connection_id,
-            path=self.scope.get("path"),
-            client=self.client_ip,
-            code=code,
-            duration=round(time.monotonic() - self.opened_at, 3),
-        )
-        layer = self.channel_layer
-        for group in self.joined:
-            try:
-                assert layer is not None  # only joined through a layer
-                await layer_call(layer.group_discard(group, self.channel_name), operation="group_discard")
-            except ChannelLayerUnavailable as error:
-                logger.warning("group_discard failed: %s", error)
+        try:
+            await self.connect()
+        except AcceptConnection:
+            await self.accept()
+        except DenyConnection:
+            await self.close()
 
     async def websocket_receive(self, message: Message) -> None:
-        """Enforce the size and rate limits, then hand the frame to receive_text/receive_bytes."""
+        """Enforce the size and rate limits, then hand the frame to `receive`."""
         if self.state >= State.CLOSING:
             return
         started = time.perf_counter()
@@ -199,62 +103,79 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         if (text is not None and text_too_big(text, limit)) or (data is not None and len(data) > limit):
             metrics.LIMIT_HITS.labels("size").inc()
             await self.refuse(
-                protocol.CLOSE_MESSAGE_TOO_BIG, "message_too_big", f"Messages are limited to {limit} bytes."
+                protocol.CLOSE_MESSAGE_TOO_BIG,
+                protocol.ERROR_MESSAGE_TOO_BIG,
+                f"Messages are limited to {limit} bytes.",
             )
             return
         if not self.rate.take():
             metrics.LIMIT_HITS.labels("rate").inc()
             await self.refuse(
                 protocol.CLOSE_POLICY_VIOLATION,
-                "rate_limited",
-                f"More than {settings.PINGPONG_RATE_PER_SECOND:g} messages per second "
-                f"(burst {settings.PINGPONG_RATE_BURST}).",
+                protocol.ERROR_RATE_LIMITED,
+                f"More than {self.rate.rate:g} messages per second (burst {self.rate.burst}).",
             )
             return
         if text is not None:
-            await self.receive_text(text)
+            await self.receive(text_data=text)
         else:
-            await self.receive_bytes(data or b"")
+            await self.receive(bytes_data=data or b"")
         metrics.HANDLER_SECONDS.observe(time.perf_counter() - started)
 
-    async def websocket_disconnect(self, message: Message) -> None:
-        """Count the connection out (node, gauge, log, groups) and stop the consumer."""
-        await self.count_out(code=message.get("code"))
-        raise StopConsumer()
+    def count_in(self) -> None:
+        """The one place a connection is counted open (the node has admitted it)."""
+        self.opened_at = time.monotonic()
+        metrics.CONNECTIONS_OPEN.inc()
+        metrics.CONNECTIONS_OPENED.labels(self.scope.get("path", "")).inc()
+        log_event(logger, "open", id=self.connection_id, path=self.scope.get("path"), client=self.client_ip)
 
-    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
-        """Close once; later frames from the client are ignored."""
-        if self.state >= State.CLOSING:
+    async def finish(self, *, code: int) -> None:
+        """Count the connection out (node, gauge, log line) once, then leave groups and call `disconnect`."""
+        if self.state is not State.CLOSED and self.opened_at is not None:
+            node.release(self)
+            metrics.CONNECTIONS_OPEN.dec()
+            metrics.CONNECTIONS_CLOSED.labels(str(code)).inc()
+            log_event(
+                logger,
+                "close",
+                id=self.connection_id,
+                path=self.scope.get("path"),
+                client=self.client_ip,
+                code=code,
+                duration=round(time.monotonic() - self.opened_at, 3),
+            )
+        await super().finish(code=code)
+
+    async def group_leave(self, group: str) -> None:
+        """Leave a group this connection joined, within the layer deadline."""
+        if group not in self.joined:
             return
-        self.state = State.CLOSING
-        await super().close(code=code, reason=reason)
+        assert self.channel_layer is not None
+        try:
+            await layer_call(self.channel_layer.group_discard(group, self.channel_name), operation="group_discard")
+        except ChannelLayerUnavailable as error:
+            logger.warning("group_discard failed: %s", error)
 
     async def refuse(self, code: int, error: str, detail: str) -> None:
-        """Explain with an error event, then close with `code`."""
-        if self.state < State.CLOSING:
+        """Explain with an error event, then close with `code` (accepting first, so the event can be sent)."""
+        if self.state is State.CONNECTING:
+            await self.accept()
+        if self.state is State.OPEN:
             metrics.SENT_ERROR.inc()
-            await self.send_text(protocol.error_event(error, detail))
+            await self.send(text_data=protocol.error_event(error, detail))
         await self.close(code=code, reason=detail[:120])
 
     async def refuse_unavailable(self) -> None:
         """Close with 4013: without the channel layer this connection would miss broadcasts."""
         await self.refuse(
-            protocol.CLOSE_TRY_AGAIN_LATER, "unavailable", "The channel layer is unreachable; try again later."
+            protocol.CLOSE_TRY_AGAIN_LATER,
+            protocol.ERROR_UNAVAILABLE,
+            "The channel layer is unreachable; try again later.",
         )
-
-    async def send_text(self, text: str) -> None:
-        """Send one text frame."""
-        await self.base_send({"type": "websocket.send", "text": text})
-
-    async def receive_text(self, text: str) -> None:
-        """Handle one text frame within the limits."""
-
-    async def receive_bytes(self, data: bytes) -> None:
-        """Handle one binary frame within the limits."""
 
     @property
     def client_address(self) -> str | None:
-        """The client's address: the peer's, or PINGPONG_PROXY_HEADER's as daphne filled it in."""
+        """The client's address: the peer's, or PINGPONG_PROXY_HEADER's as the server filled it in."""
         client = self.scope.get("client")
         return str(client[0]) if client else None
 
@@ -263,56 +184,54 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         return self.client_address or "-"
 
 
-class PingPongConsumer(LeanWebsocketConsumer):
+class PingPongConsumer(GuardedWebsocketConsumer):
     """`/ws/`: answers `ping` with `pong!` and relays broadcasts."""
 
     groups = [protocol.BROADCAST_GROUP]
 
-    async def receive_text(self, text: str) -> None:
-        if text == protocol.PING:
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None:
+            metrics.RECEIVED_BINARY.inc()
+            await self.refuse(
+                protocol.CLOSE_UNSUPPORTED_DATA,
+                protocol.ERROR_UNSUPPORTED_DATA,
+                "Binary frames are not accepted on /ws/; send text.",
+            )
+            return
+        if text_data == protocol.PING:
             metrics.RECEIVED_PING.inc()
             metrics.SENT_PONG.inc()
-            await self.send_text(protocol.PONG)
+            await self.send(text_data=protocol.PONG)
             return
-        if text.startswith("{"):
-            answer = json_ping_answer(text)
+        if text_data.startswith("{"):
+            answer = json_ping_answer(text_data)
             if answer is not None:
                 metrics.RECEIVED_JSON_PING.inc()
                 metrics.SENT_PONG.inc()
-                await self.send_text(answer)
+                await self.send(text_data=answer)
                 return
         metrics.RECEIVED_OTHER.inc()
         metrics.SENT_ERROR.inc()
-        await self.send_text(
-            protocol.error_event(
+        await self.send(
+            text_data=protocol.error_event(
                 protocol.ERROR_UNKNOWN_MESSAGE,
                 'Send the text "ping" (answered with "pong!") or {"type": "ping", "id": ...}.',
             )
         )
 
-    async def receive_bytes(self, data: bytes) -> None:
-        metrics.RECEIVED_BINARY.inc()
-        await self.refuse(
-            protocol.CLOSE_UNSUPPORTED_DATA, "unsupported_data", "Binary frames are not accepted on /ws/; send text."
-        )
-
     async def broadcast_message(self, message: Message) -> None:
         """A broadcast from the group: its event was serialised once by the sender; a retry's copy is dropped."""
-        if self.state < State.CLOSING and broadcast_deliverable(message):
+        if broadcast_deliverable(message):
             metrics.SENT_BROADCAST.inc()
-            await self.send_text(message["event"])
+            await self.send(text_data=message["event"])
 
 
-class EchoConsumer(LeanWebsocketConsumer):
+class EchoConsumer(GuardedWebsocketConsumer):
     """`/ws/echo/`: echoes every text and binary frame exactly, empty ones included."""
 
-    async def receive_text(self, text: str) -> None:
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         metrics.SENT_ECHO.inc()
-        await self.send_text(text)
-
-    async def receive_bytes(self, data: bytes) -> None:
-        metrics.SENT_ECHO.inc()
-        await self.base_send({"type": "websocket.send", "bytes": data})
+        await self.send(text_data=text_data, bytes_data=bytes_data)
 
 
 def json_ping_answer(text: str) -> str | None:

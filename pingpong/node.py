@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Protocol
 
+from pingpong import protocol
+
 logger = logging.getLogger(__name__)
 
 # IPv6 clients are counted per /64: one host is usually given a whole /64 and may pick any
@@ -22,9 +24,9 @@ class Admission(enum.Enum):
     """The answer to a new connection; only ADMITTED counts it in."""
 
     ADMITTED = "admitted"
-    DRAINING = "draining"
-    FULL = "full"  # PINGPONG_MAX_CONNECTIONS
-    ADDRESS_FULL = "address_full"  # PINGPONG_MAX_CONNECTIONS_PER_IP
+    DRAINING = protocol.ERROR_DRAINING
+    FULL = protocol.ERROR_FULL  # PINGPONG_MAX_CONNECTIONS
+    ADDRESS_FULL = protocol.ERROR_TOO_MANY_CONNECTIONS  # PINGPONG_MAX_CONNECTIONS_PER_IP
 
     def __bool__(self) -> bool:
         # `if not node.admit(...)` keeps reading as "refused".

@@ -7,6 +7,7 @@ the in-memory channel layer. Every deploy difference is one variable.
 import sys
 from pathlib import Path
 
+from pingpong.conf import DEFAULTS
 from project.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -110,17 +111,16 @@ else:
 
 # pingpong's own settings; names, defaults and meaning are listed in the README.
 PINGPONG_BROADCAST_TOKEN = env_str("PINGPONG_BROADCAST_TOKEN")
-PINGPONG_MAX_MESSAGE_BYTES = env_int("PINGPONG_MAX_MESSAGE_BYTES", 64 * 1024, minimum=16)
+PINGPONG_MAX_MESSAGE_BYTES = env_int("PINGPONG_MAX_MESSAGE_BYTES", DEFAULTS["PINGPONG_MAX_MESSAGE_BYTES"], minimum=16)
 PINGPONG_MAX_BROADCAST_BYTES = env_int("PINGPONG_MAX_BROADCAST_BYTES", 16 * 1024, minimum=1)
-PINGPONG_RATE_PER_SECOND = env_float("PINGPONG_RATE_PER_SECOND", 20.0)
-PINGPONG_RATE_BURST = env_int("PINGPONG_RATE_BURST", 40)
-PINGPONG_MAX_CONNECTIONS = env_int("PINGPONG_MAX_CONNECTIONS", 20000)
-# Bytes the server may hold for one client that has not read them (beyond what the kernel took):
-# four of the largest client messages, 16 of the largest broadcasts. See "Memory budget" in the README.
-PINGPONG_MAX_PENDING_BYTES = env_int("PINGPONG_MAX_PENDING_BYTES", 256 * 1024, minimum=1024)
-# A tenth of the node per client address: ten addresses are needed to fill a node, while an
-# office or carrier-grade NAT of ~1,000 people with two tabs each still fits on one node.
-PINGPONG_MAX_CONNECTIONS_PER_IP = env_int("PINGPONG_MAX_CONNECTIONS_PER_IP", 2000)
+PINGPONG_RATE_PER_SECOND = env_float("PINGPONG_RATE_PER_SECOND", DEFAULTS["PINGPONG_RATE_PER_SECOND"])
+PINGPONG_RATE_BURST = env_int("PINGPONG_RATE_BURST", DEFAULTS["PINGPONG_RATE_BURST"])
+PINGPONG_MAX_CONNECTIONS = env_int("PINGPONG_MAX_CONNECTIONS", DEFAULTS["PINGPONG_MAX_CONNECTIONS"])
+# Bytes the server may hold for one client that has not read them (beyond what the kernel took).
+PINGPONG_MAX_PENDING_BYTES = env_int("PINGPONG_MAX_PENDING_BYTES", DEFAULTS["PINGPONG_MAX_PENDING_BYTES"], minimum=1024)
+PINGPONG_MAX_CONNECTIONS_PER_IP = env_int(
+    "PINGPONG_MAX_CONNECTIONS_PER_IP", DEFAULTS["PINGPONG_MAX_CONNECTIONS_PER_IP"]
+)
 PINGPONG_DRAIN_SECONDS = env_float("PINGPONG_DRAIN_SECONDS", 10.0)
 PINGPONG_PING_INTERVAL = env_float("PINGPONG_PING_INTERVAL", 20.0, minimum=1.0)
 PINGPONG_PING_TIMEOUT = env_float("PINGPONG_PING_TIMEOUT", 20.0, minimum=1.0)
@@ -132,7 +132,7 @@ PINGPONG_NODE_ID = env_str("PINGPONG_NODE_ID")  # empty: <hostname>-<pid>
 # Seconds a node's presence count lives in Redis; it is rewritten every (TTL - 2) / 2 s, so two
 # writes may fail before a live node blinks out of /api/stats (12: every 5 s).
 PINGPONG_PRESENCE_TTL = env_int("PINGPONG_PRESENCE_TTL", 12, minimum=3)
-PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", 2.0, minimum=0.1)
+PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", DEFAULTS["PINGPONG_LAYER_TIMEOUT"], minimum=0.1)
 
 LOG_FORMAT = env_str("PINGPONG_LOG_FORMAT", "text")
 LOGGING = {

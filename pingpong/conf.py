@@ -1,0 +1,27 @@
+"""The app's settings and their defaults, so its consumers work in any Django project.
+
+`project/settings.py` reads each from the environment with these defaults; another project
+may set none of them.
+"""
+
+from typing import Any, Final
+
+from django.conf import settings
+
+DEFAULTS: Final[dict[str, Any]] = {
+    "PINGPONG_MAX_MESSAGE_BYTES": 64 * 1024,
+    "PINGPONG_RATE_PER_SECOND": 20.0,
+    "PINGPONG_RATE_BURST": 40,
+    "PINGPONG_MAX_CONNECTIONS": 20_000,
+    # A tenth of the node per client address: ten addresses are needed to fill a node, while an
+    # office or carrier-grade NAT of ~1,000 people with two tabs each still fits on one node.
+    "PINGPONG_MAX_CONNECTIONS_PER_IP": 2_000,
+    # Four of the largest client messages, 16 of the largest broadcasts ("Memory budget", README).
+    "PINGPONG_MAX_PENDING_BYTES": 256 * 1024,
+    "PINGPONG_LAYER_TIMEOUT": 2.0,
+}
+
+
+def setting(name: str) -> Any:
+    """The project's value of a pingpong setting, or its default."""
+    return getattr(settings, name, DEFAULTS[name])
