@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -174,6 +175,24 @@ class DaphneNode:
         self.kill()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+class PeakRss:
+    """Samples a node's RSS in a thread until stopped; keeps the peak."""
+
+    def __init__(self, node: "DaphneNode") -> None:
+        self.node, self.peak, self.stopped = node, node.rss_bytes(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.1):
+            self.peak = max(self.peak, self.node.rss_bytes())
+
+    def stop(self) -> int:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        return self.peak
 
 
 def http_request(

@@ -14,7 +14,7 @@ import pytest
 
 from pingpong import protocol
 from tests import rawws
-from tests.processes import DaphneNode, http_request, wait_until
+from tests.processes import DaphneNode, PeakRss, http_request, wait_until
 from tests.wsclient import ping_pong, ws_connect
 
 MIB = 1024 * 1024
@@ -79,24 +79,6 @@ def test_a_client_that_reads_keeps_its_connection_under_the_cap(daphne_nodes):
             client.send(frame)
             assert client.data_frame_read().opcode == rawws.OP_TEXT
     assert node.metric("pingpong_limit_hits_total", 'limit="slow_consumer"') == 0
-
-
-class PeakRss:
-    """Samples a node's RSS in a thread until stopped; keeps the peak."""
-
-    def __init__(self, node: DaphneNode) -> None:
-        self.node, self.peak, self.stopped = node, node.rss_bytes(), threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped.wait(0.1):
-            self.peak = max(self.peak, self.node.rss_bytes())
-
-    def stop(self) -> int:
-        self.stopped.set()
-        self.thread.join(timeout=5)
-        return self.peak
 
 
 @pytest.mark.slow
