@@ -55,7 +55,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
             try:
                 self.channel_name = await layer_call(self.channel_layer.new_channel(), operation="new_channel")
             except ChannelLayerUnavailable as error:
-                logger.warning("channel layer unreachable at connect: %s", error)
+                logger.warning("channel layer unavailable at connect: %s", error)
                 self.layer_failed = True
             else:
                 self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
@@ -121,7 +121,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
                     await layer_call(self.channel_layer.group_add(group, self.channel_name), operation="group_add")
                     self.joined.append(group)
         except ChannelLayerUnavailable as error:
-            logger.warning("channel layer unreachable at group_add: %s", error)
+            logger.warning("channel layer unavailable at group_add: %s", error)
             await self.refuse_unavailable()
             return
         self.counted = True

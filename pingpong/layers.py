@@ -12,21 +12,31 @@ is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire for
   after the first;
 - `group_add` for a group this process already subscribes to makes no Redis call;
 - a group message is decoded once; each member receives its own shallow copy;
-- publishing (send, group_send) does not wait for the shard's subscribe lock.
+- publishing (send, group_send) does not wait for the shard's subscribe lock;
+- concurrent first `group_add`s for a group share one in-flight subscribe, instead of
+  queueing one by one on the shard lock (a cold node's burst of connections timed out there);
+- each shard's connections come from a `BoundedConnectionPool` (pingpong/pool.py): at most
+  `max_connections`, the subscriber's included, a caller waits up to `pool_timeout` seconds
+  for one, and connections idle for `idle_seconds` are closed.
 
 It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
-`_subscribed_to` and `_lock`), which pyproject pins below 5.
+`_subscribed_to`, `_lock`, `_redis` and `_ensure_redis`), which pyproject pins below 5.
 """
 
 import asyncio
 import uuid
 from typing import Any
 
-from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
 from channels_redis.utils import _wrap_close
+from redis import asyncio as aioredis
+
+from pingpong.pool import BoundedConnectionPool
 
 #: Key that carries the target channel inside a message sent to a process channel.
 TARGET_KEY = "__pingpong_to__"
+#: Most PUBLISH commands in one pipeline, so one burst cannot build an unbounded request.
+PUBLISH_BATCH = 500
 
 
 class _LocalQueue(asyncio.Queue):  # type: ignore[type-arg]
@@ -56,13 +66,107 @@ class _ProcessRouter:
             queue.put_nowait(message)
 
 
+def pool_create(
+    host: dict[str, Any], *, max_connections: int, timeout: float, idle_seconds: float
+) -> BoundedConnectionPool:
+    """A bounded pool for one channels_redis host entry (`address` URL or connection keywords)."""
+    options = dict(host)
+    if "master_name" in options:
+        raise ValueError("PingpongPubSubChannelLayer does not support Sentinel hosts")
+    options.update(max_connections=max_connections, timeout=timeout, idle_seconds=idle_seconds)
+    if "address" in options:
+        return BoundedConnectionPool.from_url(options.pop("address"), **options)
+    return BoundedConnectionPool(**options)
+
+
+class PingpongShard(RedisSingleShardConnection):
+    """A channels_redis shard whose Redis client draws on a BoundedConnectionPool, publishing in batches."""
+
+    _redis: aioredis.Redis | None
+
+    def __init__(self, host: dict[str, Any], channel_layer: "PingpongPubSubLoopLayer", **bounds: Any) -> None:
+        super().__init__(host, channel_layer)
+        self._bounds = bounds
+        self._outbox: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def _ensure_redis(self) -> None:
+        if self._redis is None:
+            client = aioredis.Redis(connection_pool=pool_create(self.host, **self._bounds))
+            # The subscriber takes its connection from the same pool and keeps it: it counts in the cap.
+            self._redis, self._pubsub = client, client.pubsub()
+
+    async def publish_batched(self, channel: str, data: bytes) -> None:
+        """PUBLISH, pipelined with the other publishes waiting at the same time; no shard lock.
+
+        One PUBLISH per pooled connection and round trip is too slow with the pool capped: on a
+        busy node, 400 concurrent broadcasts waited past their deadline for a connection. Sent
+        together, a burst costs a few round trips on one connection.
+        """
+        sent = asyncio.get_running_loop().create_future()
+        self._outbox.append((channel, data, sent))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_outbox())
+        await sent
+
+    async def _send_outbox(self) -> None:
+        """Send queued publishes in pipelines of at most PUBLISH_BATCH until none is left."""
+        while self._outbox:
+            batch = [sent for sent in self._outbox[:PUBLISH_BATCH] if not sent[2].done()]  # skip callers gone
+            del self._outbox[:PUBLISH_BATCH]
+            try:
+                if batch:
+                    self._ensure_redis()
+                    assert self._redis is not None
+                    pipe = self._redis.pipeline(transaction=False)
+                    for channel, data, _ in batch:
+                        pipe.publish(channel, data)
+                    await pipe.execute()
+            except Exception as error:  # every caller in the batch gets the failure
+                for _, _, sent in batch:
+                    if not sent.done():
+                        sent.set_exception(error)
+            except BaseException:  # cancelled by flush: no caller is left waiting
+                for _, _, sent in batch:
+                    sent.cancel()
+                raise
+            else:
+                for _, _, sent in batch:
+                    if not sent.done():
+                        sent.set_result(None)
+
+    async def flush(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        for _, _, sent in self._outbox:
+            sent.cancel()
+        self._outbox = []
+        await super().flush()
+
+
 class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
     """The per-event-loop half of PingpongPubSubChannelLayer."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_connections: int = 10,
+        pool_timeout: float = 2.0,
+        idle_seconds: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._shards: list[RedisSingleShardConnection] = [
+            PingpongShard(
+                shard.host, self, max_connections=max_connections, timeout=pool_timeout, idle_seconds=idle_seconds
+            )
+            for shard in self._shards
+        ]
         self.process_channel = f"{self.prefix}process.{uuid.uuid4().hex}"
         self._process_subscription: asyncio.Future[None] | None = None
+        self._group_subscriptions: dict[str, asyncio.Future[None]] = {}
+        self._kept_groups: set[str] = set()
         self._unsubscribing: set[str] = set()
         self._last_raw: bytes | None = None
         self._last_message: dict[str, Any] = {}
@@ -96,12 +200,11 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
     async def _publish(self, channel: str, data: bytes) -> None:
         """Publish without the shard lock, which only needs to order (un)subscribes.
 
-        redis-py's pool serves concurrent commands; behind the lock, a broadcast on a busy
-        node queued for seconds and the API answered 503.
+        Behind the lock, a broadcast on a busy node queued for seconds and the API answered 503.
         """
         shard = self._get_shard(channel)
-        shard._ensure_redis()
-        await shard._redis.publish(channel, data)
+        assert isinstance(shard, PingpongShard)
+        await shard.publish_batched(channel, data)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         if "!" not in channel:
@@ -132,24 +235,58 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
     async def flush(self) -> None:
         # The base flush forgets every channel, the process router included: subscribe it anew.
         self._process_subscription = None
+        self._group_subscriptions = {}
+        self._kept_groups = set()
         await super().flush()
+
+    async def warm_up(self, groups: list[str]) -> None:
+        """Connect and subscribe the process channel and `groups` now, and keep the groups subscribed.
+
+        Then a burst of connections on a freshly started node makes no Redis call at all: its
+        first subscribes no longer race a saturated event loop against PINGPONG_LAYER_TIMEOUT.
+        """
+        channels = [self._get_group_channel_name(group) for group in groups]
+        self._kept_groups.update(channels)
+        await asyncio.gather(self._process_subscribe(), *(self._group_subscribe(channel) for channel in channels))
 
     async def group_add(self, group: str, channel: str) -> None:
         group_channel = self._get_group_channel_name(group)
-        shard = self._get_shard(group_channel)
-        # Fast path unless this group's unsubscribe is in flight: it holds the lock until Redis
-        # has dropped the group, and then the base group_add (behind that lock) subscribes again.
-        if (
-            channel in self.channels
-            and group_channel in shard._subscribed_to
-            and group_channel not in self._unsubscribing
-        ):
-            self.groups.setdefault(group_channel, set()).add(channel)
+        # While this group's unsubscribe is in flight it holds the lock until Redis has dropped
+        # the group; then the base group_add (behind that lock) subscribes again.
+        if channel not in self.channels or group_channel in self._unsubscribing:
+            await super().group_add(group, channel)
             return
-        await super().group_add(group, channel)
+        self.groups.setdefault(group_channel, set()).add(channel)
+        if group_channel not in self._get_shard(group_channel)._subscribed_to:
+            await self._group_subscribe(group_channel)
+
+    async def _group_subscribe(self, group_channel: str) -> None:
+        """Subscribe a group once; concurrent first joiners share the call, as in _process_subscribe."""
+        subscription = self._group_subscriptions.get(group_channel)
+        if subscription is None:
+            shard = self._get_shard(group_channel)
+            subscription = self._group_subscriptions[group_channel] = asyncio.ensure_future(
+                shard.subscribe(group_channel)
+            )
+            # Forget it when done: success shows in the shard's _subscribed_to, and a failure
+            # must let the next joiner try again.
+            subscription.add_done_callback(lambda done: self._group_forget(group_channel, done))
+        await asyncio.shield(subscription)
+
+    def _group_forget(self, group_channel: str, subscription: "asyncio.Future[None]") -> None:
+        if self._group_subscriptions.get(group_channel) is subscription:
+            del self._group_subscriptions[group_channel]
+        if not subscription.cancelled():
+            subscription.exception()  # retrieved here, so a failure nobody awaits is not logged as lost
 
     async def group_discard(self, group: str, channel: str) -> None:
         group_channel = self._get_group_channel_name(group)
+        if group_channel in self._kept_groups:  # stays subscribed when its last member leaves
+            members = self.groups.get(group_channel, set())
+            members.discard(channel)
+            if not members:
+                self.groups.pop(group_channel, None)
+            return
         if self.groups.get(group_channel) != {channel}:
             await super().group_discard(group, channel)
             return

@@ -19,6 +19,7 @@ from django.conf import settings
 from twisted.internet import defer, reactor
 
 from pingpong import protocol
+from pingpong.layer import layer_warm_up
 from pingpong.node import node
 from pingpong.presence import presence_start, presence_stop
 
@@ -55,10 +56,17 @@ class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
 class PingpongServer(Server):
     """A daphne Server that drains websockets before it stops."""
 
+    warm_up: "asyncio.Task[None] | None" = None
+
     def run(self) -> None:
         ws_protocol.WebSocketFactory.protocol = ExactWebSocketProtocol
         reactor.callLater(0, presence_start)  # type: ignore[arg-type]  # publish this node's count from boot
+        reactor.callLater(0, self.layer_warm_up_start)  # type: ignore[arg-type]
         super().run()
+
+    def layer_warm_up_start(self) -> None:
+        """Subscribe the broadcast group at boot, so a burst of first connections needs no Redis call."""
+        self.warm_up = asyncio.ensure_future(layer_warm_up(groups=[protocol.BROADCAST_GROUP]))
 
     def listen_success(self, port: Any) -> None:
         # Twisted's HTTP idle timeout is 12 hours: a client that never finishes its request or

@@ -88,7 +88,7 @@ async def broadcast(request: HttpRequest) -> JsonResponse:
     try:
         event = await broadcast_send(text=text)
     except ChannelLayerUnavailable as error:
-        return error_response(503, "unavailable", f"The channel layer is unreachable: {error}")
+        return error_response(503, "unavailable", f"The channel layer is unavailable: {error}")
     return JsonResponse({"status": "accepted", "id": event["id"]}, status=202)
 
 
