@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from pingpong.layer import ChannelLayerUnavailable, layer_call
 from pingpong.pool import BoundedConnectionPool
 from tests.processes import LOOPBACK, ROOT, free_port
-from tests.wsclient import ping_pong, ws_connect
+from tests.wsclient import broadcasts_within, ping_pong, ws_connect
 
 pytestmark = pytest.mark.redis
 TOKEN = "pool-test-token"
@@ -84,6 +84,25 @@ async def test_400_concurrent_broadcasts_succeed_within_the_connection_cap_and_i
         assert await ping_pong(ws) == "pong!"
     await redis.aclose()
     assert "Too many connections" not in node.output()
+
+
+async def test_two_nodes_with_the_default_cap_share_a_redis_limited_to_20_clients(redis_server, daphne_nodes):
+    """With Redis' maxclients at 20, a burst on one node leaves the other node room to admit and broadcast."""
+    redis = Redis(host=LOOPBACK, port=redis_server.port)
+    await redis.config_set("maxclients", 2 * CAP)
+    await redis.aclose()  # the two nodes may now use every slot
+    busy = daphne_nodes(node_env(redis_server, PINGPONG_NODE_ID="busy"))
+    async with await ws_connect(busy.ws) as on_busy:
+        assert await ping_pong(on_busy) == "pong!"
+        statuses = await asyncio.gather(*(post_broadcast(busy.port, f"burst {i}") for i in range(400)))
+        assert [status for status, _ in statuses].count(202) == 400, set(statuses)
+        other = daphne_nodes(node_env(redis_server, PINGPONG_NODE_ID="other"))
+        async with await ws_connect(other.ws) as on_other:
+            assert await ping_pong(on_other) == "pong!"
+            assert (await post_broadcast(other.port, "from the other node"))[0] == 202
+            for ws in (on_busy, on_other):
+                texts = [event["text"] for event in await broadcasts_within(ws, seconds=3)]
+                assert "from the other node" in texts
 
 
 async def test_a_caller_that_finds_the_pool_busy_waits_for_a_connection(redis_server):
