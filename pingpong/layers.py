@@ -12,7 +12,8 @@ is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire for
   after the first;
 - `group_add` for a group this process already subscribes to makes no Redis call;
 - a group message is decoded once; each member receives its own shallow copy;
-- publishing (send, group_send) does not wait for the shard's subscribe lock;
+- publishing (send, group_send) does not wait for the shard's subscribe lock, and the
+  publishes waiting at the same time go out together in one pipeline;
 - concurrent first `group_add`s for a group share one in-flight subscribe, instead of
   queueing one by one on the shard lock (a cold node's burst of connections timed out there);
 - each shard's connections come from a `BoundedConnectionPool` (pingpong/pool.py): at most
@@ -30,6 +31,7 @@ from typing import Any
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
 from channels_redis.utils import _wrap_close
 from redis import asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pingpong.pool import BoundedConnectionPool
 
@@ -193,9 +195,22 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         await self._process_subscribe()
+        # A warm node makes no Redis call here, so ask the subscriber's socket instead: a new
+        # consumer is refused (4013) while Redis is gone, not admitted to miss every broadcast.
+        if not self._subscriber_connected(self.process_channel):
+            raise RedisConnectionError("the subscriber's connection to Redis is down")
         channel = f"{self.process_channel}!{prefix}{uuid.uuid4().hex}"
         self.channels[channel] = _LocalQueue(self)
         return channel
+
+    def _subscriber_connected(self, channel: str) -> bool:
+        """Whether the shard's subscriber socket is open, and Redis has not closed its end."""
+        pubsub = self._get_shard(channel)._pubsub
+        connection = pubsub.connection if pubsub is not None else None
+        if connection is None or not connection.is_connected:
+            return False
+        reader = getattr(connection, "_reader", None)  # redis-py's StreamReader: EOF once Redis hangs up
+        return not (isinstance(reader, asyncio.StreamReader) and reader.at_eof())
 
     async def _publish(self, channel: str, data: bytes) -> None:
         """Publish without the shard lock, which only needs to order (un)subscribes.
