@@ -1,7 +1,11 @@
 """Channel-layer calls with a deadline, and the readiness round trip.
 
 Every call that can reach Redis goes through `layer_call`, so an unreachable or hung
-Redis becomes one exception, `ChannelLayerUnavailable`, within a bounded time.
+Redis becomes one exception, `ChannelLayerUnavailable`, within a bounded time. Its text
+names the cause, because the cures differ: "Redis unreachable" (fix Redis), "connection
+pool exhausted" (Redis is fine; this node is sending more than its connections carry) or
+"no answer within N s" (Redis hung, or this node too busy to hear it: the text says which
+when the node's event loop was running late).
 """
 
 import asyncio
@@ -13,15 +17,21 @@ from typing import Any, TypeVar
 
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pingpong import metrics
+from pingpong.pool import PoolExhausted
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 LAYER_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, asyncio.TimeoutError)
+
+# A deadline that fires this late shows an event loop too busy to run it on time.
+BUSY_LOOP_LAG_SECONDS = 0.1
 
 
 class ChannelLayerUnavailable(Exception):
@@ -39,14 +49,50 @@ def layer_get() -> BaseChannelLayer:
 async def layer_call(awaitable: Awaitable[T], *, operation: str, timeout: float | None = None) -> T:
     """Await a channel-layer call, turning errors and timeouts into ChannelLayerUnavailable."""
     limit = settings.PINGPONG_LAYER_TIMEOUT if timeout is None else timeout
+    loop = asyncio.get_running_loop()
+    deadline = asyncio.timeout(limit)
     try:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # races with completion, leaving a consumer running after its connection is gone.
-        async with asyncio.timeout(limit):
+        async with deadline:
             return await awaitable
     except LAYER_ERRORS as error:
         metrics.LAYER_ERRORS.labels(operation).inc()
-        raise ChannelLayerUnavailable(str(error) or type(error).__name__) from error
+        late = loop.time() - (deadline.when() or loop.time()) if deadline.expired() else None
+        raise ChannelLayerUnavailable(layer_error_text(error, limit=limit, late=late)) from error
+
+
+def layer_error_text(error: BaseException, *, limit: float, late: float | None = None) -> str:
+    """Say what failed: Redis unreachable, the pool exhausted, or no answer in time (and whether the node was busy).
+
+    `late` is how long after the call's deadline the caller ran again, None if the deadline did not expire.
+    """
+    detail = str(error) or type(error).__name__
+    if isinstance(error, PoolExhausted):
+        return detail
+    if late is not None:
+        text = f"no answer within {limit:g} s"
+        if late >= BUSY_LOOP_LAG_SECONDS:
+            return f"{text}: this node is busy (its event loop ran {late:.2f} s late); Redis may be healthy"
+        return f"{text} (Redis slow or hung, or this node busy)"
+    if isinstance(error, RedisTimeoutError):
+        return f"Redis did not answer in time: {detail}"
+    if isinstance(error, RedisConnectionError | OSError):
+        return f"Redis unreachable: {detail}"
+    return f"Redis error: {detail}"
+
+
+async def layer_warm_up(*, groups: list[str]) -> None:
+    """Connect the channel layer and subscribe `groups` before clients arrive; a no-op for layers
+    without `warm_up` (in-memory). A failure is logged: connections then subscribe on demand."""
+    layer = layer_get()
+    warm_up = getattr(layer, "warm_up", None)
+    if warm_up is None:
+        return
+    try:
+        await layer_call(warm_up(groups), operation="warm_up")
+    except ChannelLayerUnavailable as error:
+        logger.warning("channel layer not warmed up at start (%s); connections will subscribe on demand", error)
 
 
 # One probe channel per event loop, reused, so readiness checks leave no subscriptions behind.

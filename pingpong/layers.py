@@ -12,10 +12,16 @@ is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire for
   after the first;
 - `group_add` for a group this process already subscribes to makes no Redis call;
 - a group message is decoded once; each member receives its own shallow copy;
-- publishing (send, group_send) does not wait for the shard's subscribe lock.
+- publishing (send, group_send) does not wait for the shard's subscribe lock, and the
+  publishes waiting at the same time go out together in one pipeline;
+- concurrent first `group_add`s for a group share one in-flight subscribe, instead of
+  queueing one by one on the shard lock (a cold node's burst of connections timed out there);
+- each shard's connections come from a `BoundedConnectionPool` (pingpong/pool.py): at most
+  `max_connections`, the subscriber's included, a caller waits up to `pool_timeout` seconds
+  for one, and connections idle for `idle_seconds` are closed.
 
 It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
-`_subscribed_to` and `_lock`), which pyproject pins below 5.
+`_subscribed_to`, `_lock`, `_redis` and `_ensure_redis`), which pyproject pins below 5.
 """
 
 import asyncio
@@ -24,12 +30,18 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
 from channels_redis.utils import _wrap_close
+from redis import asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+
+from pingpong.pool import BoundedConnectionPool
 
 #: Key that carries the target channel inside a message sent to a process channel.
 TARGET_KEY = "__pingpong_to__"
+#: Most PUBLISH commands in one pipeline, so one burst cannot build an unbounded request.
+PUBLISH_BATCH = 500
 
 
 @dataclass
@@ -70,13 +82,161 @@ class _ProcessRouter:
             queue.put_nowait(message)
 
 
+def pool_create(
+    host: dict[str, Any], *, max_connections: int, timeout: float, idle_seconds: float
+) -> BoundedConnectionPool:
+    """A bounded pool for one channels_redis host entry (`address` URL or connection keywords)."""
+    options = dict(host)
+    if "master_name" in options:
+        raise ValueError("PingpongPubSubChannelLayer does not support Sentinel hosts")
+    options.update(max_connections=max_connections, timeout=timeout, idle_seconds=idle_seconds)
+    if "address" in options:
+        return BoundedConnectionPool.from_url(options.pop("address"), **options)
+    return BoundedConnectionPool(**options)
+
+
+@dataclass
+class _Outgoing:
+    """One PUBLISH waiting for the shard's sender."""
+
+    channel: str
+    data: bytes
+    sent: "asyncio.Future[None]"
+    progress: PublishProgress | None
+
+
+def _settle(items: list[_Outgoing], error: BaseException | None) -> None:
+    """Tell each waiting caller how its PUBLISH ended."""
+    for item in items:
+        if item.sent.done():
+            continue
+        if error is None:
+            item.sent.set_result(None)
+        else:
+            item.sent.set_exception(error)
+
+
+class PingpongShard(RedisSingleShardConnection):
+    """A channels_redis shard whose Redis client draws on a BoundedConnectionPool, publishing in batches."""
+
+    _redis: aioredis.Redis | None
+
+    def __init__(self, host: dict[str, Any], channel_layer: "PingpongPubSubLoopLayer", **bounds: Any) -> None:
+        super().__init__(host, channel_layer)
+        self._bounds = bounds
+        self._outbox: list[_Outgoing] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def _ensure_redis(self) -> None:
+        if self._redis is None:
+            client = aioredis.Redis(connection_pool=pool_create(self.host, **self._bounds))
+            # The subscriber takes its connection from the same pool and keeps it: it counts in the cap.
+            self._redis, self._pubsub = client, client.pubsub()
+
+    async def publish_batched(self, channel: str, data: bytes) -> None:
+        """PUBLISH, pipelined with the other publishes waiting at the same time; no shard lock.
+
+        One PUBLISH per pooled connection and round trip is too slow with the pool capped: on a
+        busy node, 400 concurrent broadcasts waited past their deadline for a connection. Sent
+        together, a burst costs a few round trips on one connection. The caller's
+        `PublishProgress` (if any) is marked at the moment its PUBLISH is written.
+        """
+        sent = asyncio.get_running_loop().create_future()
+        self._outbox.append(_Outgoing(channel, data, sent, PUBLISH_PROGRESS.get()))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_outbox())
+        await sent
+
+    async def _send_outbox(self) -> None:
+        """Send queued publishes in pipelines of at most PUBLISH_BATCH until none is left."""
+        while self._outbox:
+            batch = self._outbox[:PUBLISH_BATCH]
+            del self._outbox[:PUBLISH_BATCH]
+            try:
+                await self._send_batch(batch)
+            except BaseException:  # cancelled by flush: no caller is left waiting
+                for item in batch:
+                    item.sent.cancel()
+                raise
+
+    async def _send_batch(self, batch: list["_Outgoing"]) -> None:
+        """Write one pipeline of PUBLISH commands by hand and settle each caller's future.
+
+        Not `Redis.pipeline()`: redis-py's retry writes the commands again after a connection
+        error (a duplicate broadcast), and it cannot say when the commands were written.
+        """
+        self._ensure_redis()
+        assert self._redis is not None
+        pool = self._redis.connection_pool
+        try:
+            connection = await pool.get_connection()  # connects if needed: nothing of ours is written yet
+        except Exception as error:
+            _settle(batch, error)
+            return
+        try:
+            # redis-py 8 skips this check when maintenance notifications are on ("auto"), and a
+            # socket Redis closed would then fail only after PUBLISH was written.
+            if await connection.can_read():  # closed by Redis, or holding stray data: start afresh
+                await connection.disconnect()
+                await connection.connect()
+            await connection.check_health()  # a due health-check PING, before our commands
+            batch = [item for item in batch if not item.sent.done()]  # callers that gave up: not sent
+            if not batch:
+                return
+            for item in batch:
+                if item.progress is not None:
+                    item.progress.written = True
+            commands = [("PUBLISH", item.channel, item.data) for item in batch]
+            await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+            for item in batch:
+                try:
+                    await connection.read_response()
+                except ResponseError as error:  # Redis refused this command (an error reply): it did not run
+                    if item.progress is not None:
+                        item.progress.written = False
+                    _settle([item], error)
+                else:
+                    _settle([item], None)
+        except BaseException as error:  # the rest of the batch: written, outcome unknown
+            await connection.disconnect()  # a late reply must not be read by the next command
+            if not isinstance(error, Exception):  # cancelled (flush): the caller of the sender settles
+                raise
+            _settle(batch, error)
+        finally:
+            await pool.release(connection)
+
+    async def flush(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        for item in self._outbox:
+            item.sent.cancel()
+        self._outbox = []
+        await super().flush()
+
+
 class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
     """The per-event-loop half of PingpongPubSubChannelLayer."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_connections: int = 10,
+        pool_timeout: float = 2.0,
+        idle_seconds: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._shards: list[RedisSingleShardConnection] = [
+            PingpongShard(
+                shard.host, self, max_connections=max_connections, timeout=pool_timeout, idle_seconds=idle_seconds
+            )
+            for shard in self._shards
+        ]
         self.process_channel = f"{self.prefix}process.{uuid.uuid4().hex}"
         self._process_subscription: asyncio.Future[None] | None = None
+        self._group_subscriptions: dict[str, asyncio.Future[None]] = {}
+        self._kept_groups: set[str] = set()
         self._unsubscribing: set[str] = set()
         self._last_raw: bytes | None = None
         self._last_message: dict[str, Any] = {}
@@ -103,44 +263,31 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         await self._process_subscribe()
+        # A warm node makes no Redis call here, so ask the subscriber's socket instead: a new
+        # consumer is refused (4013) while Redis is gone, not admitted to miss every broadcast.
+        if not self._subscriber_connected(self.process_channel):
+            raise RedisConnectionError("the subscriber's connection to Redis is down")
         channel = f"{self.process_channel}!{prefix}{uuid.uuid4().hex}"
         self.channels[channel] = _LocalQueue(self)
         return channel
 
+    def _subscriber_connected(self, channel: str) -> bool:
+        """Whether the shard's subscriber socket is open, and Redis has not closed its end."""
+        pubsub = self._get_shard(channel)._pubsub
+        connection = pubsub.connection if pubsub is not None else None
+        if connection is None or not connection.is_connected:
+            return False
+        reader = getattr(connection, "_reader", None)  # redis-py's StreamReader: EOF once Redis hangs up
+        return not (isinstance(reader, asyncio.StreamReader) and reader.at_eof())
+
     async def _publish(self, channel: str, data: bytes) -> None:
         """Publish without the shard lock, which only needs to order (un)subscribes.
 
-        redis-py's pool serves concurrent commands; behind the lock, a broadcast on a busy
-        node queued for seconds and the API answered 503. The command is sent by hand, not
-        by `Redis.publish`, for two reasons: the caller's `PublishProgress` is marked at the
-        moment PUBLISH is written (a failure before it means nothing was sent), and redis-py's
-        retry, which writes the PUBLISH again after a connection error, is not used.
+        Behind the lock, a broadcast on a busy node queued for seconds and the API answered 503.
         """
         shard = self._get_shard(channel)
-        shard._ensure_redis()
-        pool = shard._redis.connection_pool
-        connection = await pool.get_connection()  # connects if needed: nothing of ours is written yet
-        progress = PUBLISH_PROGRESS.get()
-        try:
-            # redis-py 8 skips this check when maintenance notifications are on ("auto"), and
-            # a socket Redis closed would then fail only after PUBLISH was written.
-            if await connection.can_read():  # closed by Redis, or holding stray data: start afresh
-                await connection.disconnect()
-                await connection.connect()
-            await connection.check_health()  # a due health-check PING, before our command
-            if progress is not None:
-                progress.written = True
-            # On an error or a cancellation redis-py drops the connection, so no late reply is
-            # read by the next command.
-            await connection.send_command("PUBLISH", channel, data, check_health=False)
-            try:
-                await connection.read_response()
-            except ResponseError:  # Redis refused the command (an error reply): it did not run
-                if progress is not None:
-                    progress.written = False
-                raise
-        finally:
-            await pool.release(connection)
+        assert isinstance(shard, PingpongShard)
+        await shard.publish_batched(channel, data)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         if "!" not in channel:
@@ -171,24 +318,58 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
     async def flush(self) -> None:
         # The base flush forgets every channel, the process router included: subscribe it anew.
         self._process_subscription = None
+        self._group_subscriptions = {}
+        self._kept_groups = set()
         await super().flush()
+
+    async def warm_up(self, groups: list[str]) -> None:
+        """Connect and subscribe the process channel and `groups` now, and keep the groups subscribed.
+
+        Then a burst of connections on a freshly started node makes no Redis call at all: its
+        first subscribes no longer race a saturated event loop against PINGPONG_LAYER_TIMEOUT.
+        """
+        channels = [self._get_group_channel_name(group) for group in groups]
+        self._kept_groups.update(channels)
+        await asyncio.gather(self._process_subscribe(), *(self._group_subscribe(channel) for channel in channels))
 
     async def group_add(self, group: str, channel: str) -> None:
         group_channel = self._get_group_channel_name(group)
-        shard = self._get_shard(group_channel)
-        # Fast path unless this group's unsubscribe is in flight: it holds the lock until Redis
-        # has dropped the group, and then the base group_add (behind that lock) subscribes again.
-        if (
-            channel in self.channels
-            and group_channel in shard._subscribed_to
-            and group_channel not in self._unsubscribing
-        ):
-            self.groups.setdefault(group_channel, set()).add(channel)
+        # While this group's unsubscribe is in flight it holds the lock until Redis has dropped
+        # the group; then the base group_add (behind that lock) subscribes again.
+        if channel not in self.channels or group_channel in self._unsubscribing:
+            await super().group_add(group, channel)
             return
-        await super().group_add(group, channel)
+        self.groups.setdefault(group_channel, set()).add(channel)
+        if group_channel not in self._get_shard(group_channel)._subscribed_to:
+            await self._group_subscribe(group_channel)
+
+    async def _group_subscribe(self, group_channel: str) -> None:
+        """Subscribe a group once; concurrent first joiners share the call, as in _process_subscribe."""
+        subscription = self._group_subscriptions.get(group_channel)
+        if subscription is None:
+            shard = self._get_shard(group_channel)
+            subscription = self._group_subscriptions[group_channel] = asyncio.ensure_future(
+                shard.subscribe(group_channel)
+            )
+            # Forget it when done: success shows in the shard's _subscribed_to, and a failure
+            # must let the next joiner try again.
+            subscription.add_done_callback(lambda done: self._group_forget(group_channel, done))
+        await asyncio.shield(subscription)
+
+    def _group_forget(self, group_channel: str, subscription: "asyncio.Future[None]") -> None:
+        if self._group_subscriptions.get(group_channel) is subscription:
+            del self._group_subscriptions[group_channel]
+        if not subscription.cancelled():
+            subscription.exception()  # retrieved here, so a failure nobody awaits is not logged as lost
 
     async def group_discard(self, group: str, channel: str) -> None:
         group_channel = self._get_group_channel_name(group)
+        if group_channel in self._kept_groups:  # stays subscribed when its last member leaves
+            members = self.groups.get(group_channel, set())
+            members.discard(channel)
+            if not members:
+                self.groups.pop(group_channel, None)
+            return
         if self.groups.get(group_channel) != {channel}:
             await super().group_discard(group, channel)
             return

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 
 from pingpong.layer import LAYER_ERRORS
 from pingpong.node import node
+from pingpong.pool import BoundedConnectionPool
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +119,20 @@ _write_errors: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, str]" = wea
 
 
 def presence_client() -> Redis:
-    """This loop's Redis client for presence, with short timeouts."""
+    """This loop's Redis client for presence: one connection (of PINGPONG_REDIS_MAX_CONNECTIONS), short timeouts."""
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
-        client = Redis.from_url(
+        pool = BoundedConnectionPool.from_url(
             settings.REDIS_URL,
+            max_connections=1,  # the settings give the channel layer the rest of the node's cap
+            timeout=REDIS_TIMEOUT_SECONDS,
+            idle_seconds=settings.PINGPONG_REDIS_IDLE_SECONDS,
+            client_name=settings.REDIS_CLIENT_NAME,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
             socket_timeout=REDIS_TIMEOUT_SECONDS,
         )
+        client = Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
         _clients[loop] = client
     return client
 

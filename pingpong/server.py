@@ -19,6 +19,7 @@ from django.conf import settings
 from twisted.internet import defer, reactor
 
 from pingpong import metrics, protocol
+from pingpong.layer import layer_warm_up
 from pingpong.node import node
 from pingpong.presence import presence_start, presence_stop
 
@@ -30,6 +31,9 @@ TRANSPORT_HEADROOM_BYTES = 4096
 # How long a slow consumer has to read up to its close frame before TCP is aborted (autobahn's
 # default close timeout is 1 s); nothing more is written for it meanwhile, so memory stays bounded.
 SLOW_CONSUMER_CLOSE_SECONDS = 5.0
+# Twisted listens with a backlog of 50: in a burst of connections the kernel then drops SYNs and
+# clients wait a 1 s retransmit or more. The kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 def pending_bytes(transport: Any) -> int:
@@ -95,11 +99,18 @@ class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
 class PingpongServer(Server):
     """A daphne Server that drains websockets before it stops."""
 
+    warm_up: "asyncio.Task[None] | None" = None
+
     def run(self) -> None:
         ws_protocol.WebSocketFactory.protocol = ExactWebSocketProtocol
         ExactWebSocketProtocol.max_pending_bytes = settings.PINGPONG_MAX_PENDING_BYTES
         reactor.callLater(0, presence_start)  # type: ignore[arg-type]  # publish this node's count from boot
+        reactor.callLater(0, self.layer_warm_up_start)  # type: ignore[arg-type]
         super().run()
+
+    def layer_warm_up_start(self) -> None:
+        """Subscribe the broadcast group at boot, so a burst of first connections needs no Redis call."""
+        self.warm_up = asyncio.ensure_future(layer_warm_up(groups=[protocol.BROADCAST_GROUP]))
 
     def listen_success(self, port: Any) -> None:
         # Twisted's HTTP idle timeout is 12 hours: a client that never finishes its request or
@@ -124,7 +135,10 @@ def server_build(*, application: Any, host: str, port: int, verbosity: int = 1) 
     proxy_header = settings.PINGPONG_PROXY_HEADER or None
     return PingpongServer(
         application=application,
-        endpoints=build_endpoint_description_strings(host=host, port=port),
+        endpoints=[
+            f"{endpoint}:backlog={LISTEN_BACKLOG}"
+            for endpoint in build_endpoint_description_strings(host=host, port=port)
+        ],
         ping_interval=settings.PINGPONG_PING_INTERVAL,
         ping_timeout=settings.PINGPONG_PING_TIMEOUT,
         websocket_timeout=-1,  # connection lifetime is not capped; dead peers are found by pings

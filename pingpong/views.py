@@ -95,7 +95,7 @@ async def broadcast(request: HttpRequest) -> JsonResponse:
         detail = f"The broadcast may or may not have been sent ({error}); retry with the same id."
         return JsonResponse({"error": protocol.ERROR_OUTCOME_UNKNOWN, "detail": detail, "id": wanted.id}, status=504)
     except ChannelLayerUnavailable as error:
-        detail = f"The channel layer is unreachable ({error}); nothing was sent."
+        detail = f"The channel layer is unavailable ({error}); nothing was sent."
         return JsonResponse({"error": protocol.ERROR_UNAVAILABLE, "detail": detail, "id": wanted.id}, status=503)
     return JsonResponse({"status": "accepted", "id": event["id"]}, status=202)
 

@@ -4,6 +4,9 @@ With no environment at all this is a working local run: debug on, localhost only
 the in-memory channel layer. Every deploy difference is one variable.
 """
 
+import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -89,6 +92,17 @@ if HTTPS:
 # Why the pub/sub layer and these connection options: see "Channel layer" in the README.
 REDIS_URL = env_str("REDIS_URL")
 PINGPONG_REDIS_PREFIX = env_str("PINGPONG_REDIS_PREFIX", "pingpong")  # channels and presence keys
+PINGPONG_NODE_ID = env_str("PINGPONG_NODE_ID")  # empty: <hostname>-<pid>
+PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", DEFAULTS["PINGPONG_LAYER_TIMEOUT"], minimum=0.1)
+# Every Redis connection of a node counts here: the layer's subscriber, its publishers and
+# presence's one. Ten is plenty (a PUBLISH holds a connection for well under a millisecond, and
+# one process cannot keep more busy) and lets two nodes share a 20-client Redis plan.
+PINGPONG_REDIS_MAX_CONNECTIONS = env_int("PINGPONG_REDIS_MAX_CONNECTIONS", 10, minimum=3)
+PINGPONG_REDIS_IDLE_SECONDS = env_float("PINGPONG_REDIS_IDLE_SECONDS", 30.0, minimum=0.1)
+# Each connection is named after its node, so Redis' CLIENT LIST shows which node holds which.
+REDIS_CLIENT_NAME = re.sub(
+    r"[^!-~]", "_", f"{PINGPONG_REDIS_PREFIX}:{PINGPONG_NODE_ID or f'{socket.gethostname()}-{os.getpid()}'}"
+)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -100,9 +114,16 @@ if REDIS_URL:
                         "socket_connect_timeout": 2,
                         "socket_timeout": 5,
                         "health_check_interval": 10,
+                        "client_name": REDIS_CLIENT_NAME,
                     }
                 ],
                 "prefix": PINGPONG_REDIS_PREFIX,
+                # One connection of the cap is presence's (pingpong/presence.py).
+                "max_connections": PINGPONG_REDIS_MAX_CONNECTIONS - 1,
+                # A caller waits for a free connection, and gives up a little before its layer
+                # call's deadline so that the error says the pool, not Redis, was the problem.
+                "pool_timeout": 0.75 * PINGPONG_LAYER_TIMEOUT,
+                "idle_seconds": PINGPONG_REDIS_IDLE_SECONDS,
             },
         }
     }
@@ -128,11 +149,9 @@ PINGPONG_PROXY_HEADER = env_str("PINGPONG_PROXY_HEADER")
 # Seconds an HTTP connection may sit idle or mid-request (a stalled handshake); above the load
 # balancer's keep-alive idle timeout (60 s on most) so it never closes a connection the LB reuses.
 PINGPONG_HTTP_IDLE_TIMEOUT = env_float("PINGPONG_HTTP_IDLE_TIMEOUT", 75.0, minimum=1.0)
-PINGPONG_NODE_ID = env_str("PINGPONG_NODE_ID")  # empty: <hostname>-<pid>
 # Seconds a node's presence count lives in Redis; it is rewritten every (TTL - 2) / 2 s, so two
 # writes may fail before a live node blinks out of /api/stats (12: every 5 s).
 PINGPONG_PRESENCE_TTL = env_int("PINGPONG_PRESENCE_TTL", 12, minimum=3)
-PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", DEFAULTS["PINGPONG_LAYER_TIMEOUT"], minimum=0.1)
 
 LOG_FORMAT = env_str("PINGPONG_LOG_FORMAT", "text")
 LOGGING = {

@@ -123,3 +123,44 @@ async def test_a_join_while_the_last_member_leaves_still_gets_group_messages(lay
     await asyncio.gather(layer.group_discard("room", leaving), layer.group_add("room", joining))
     await layer.group_send("room", {"type": "m"})
     assert await receive(layer, joining) == {"type": "m"}
+
+
+async def test_a_burst_of_first_joins_of_a_group_shares_one_subscribe(layers):
+    """200 concurrent first group_adds for one group make one SUBSCRIBE, not a queue on the shard lock."""
+    layer = layers[0]
+    channels = [await layer.new_channel() for _ in range(200)]
+    loop_layer = layer._get_layer()
+    shard = loop_layer._get_shard(loop_layer._get_group_channel_name("room"))
+    subscribes = 0
+    subscribe = shard.subscribe
+
+    async def counted(channel):
+        nonlocal subscribes
+        subscribes += 1
+        await subscribe(channel)
+
+    shard.subscribe = counted
+    await asyncio.gather(*(layer.group_add("room", channel) for channel in channels))
+    assert subscribes == 1
+    await layer.group_send("room", {"type": "m"})
+    for channel in channels:
+        assert await receive(layer, channel) == {"type": "m"}
+
+
+async def test_a_warmed_up_group_stays_subscribed_when_its_last_member_leaves(layers):
+    """After warm_up, joining needs no Redis call and the group outlives its members."""
+    layer = layers[0]
+    await layer.warm_up(["room"])
+    loop_layer = layer._get_layer()
+    group_channel = loop_layer._get_group_channel_name("room")
+    assert group_channel in loop_layer._get_shard(group_channel)._subscribed_to
+    first = await layer.new_channel()
+    await layer.group_add("room", first)
+    await layer.group_discard("room", first)
+    assert group_channel in loop_layer._get_shard(group_channel)._subscribed_to
+    second = await layer.new_channel()
+    await layer.group_add("room", second)
+    await layer.group_send("room", {"type": "m"})
+    assert await receive(layer, second) == {"type": "m"}
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(first), 0.3)
