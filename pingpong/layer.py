@@ -6,6 +6,7 @@ Redis becomes one exception, `ChannelLayerUnavailable`, within a bounded time.
 
 import asyncio
 import logging
+import ssl
 import uuid
 import weakref
 from collections.abc import Awaitable
@@ -46,7 +47,31 @@ async def layer_call(awaitable: Awaitable[T], *, operation: str, timeout: float 
             return await awaitable
     except LAYER_ERRORS as error:
         metrics.LAYER_ERRORS.labels(operation).inc()
-        raise ChannelLayerUnavailable(str(error) or type(error).__name__) from error
+        raise ChannelLayerUnavailable(tls_verify_failure(error) or str(error) or type(error).__name__) from error
+
+
+def tls_verify_failure(error: BaseException) -> str | None:
+    """A plain sentence when `error` was caused by a Redis certificate that failed verification, else None.
+
+    redis-py wraps the SSL error in a ConnectionError whose text does not say "certificate";
+    an operator should not have to guess that a CA file or a certificate is at fault.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:  # the chain is short; `seen` stops a cycle
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = f"TLS certificate verification failed: {cause.verify_message or cause}"
+            if reason not in _tls_failures_logged and len(_tls_failures_logged) < 16:
+                # Logged once per reason: a readiness probe every few seconds would repeat it forever.
+                _tls_failures_logged.add(reason)
+                logger.error("channel layer: %s (check the Redis certificate and ssl_ca_certs)", reason)
+            return reason
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+_tls_failures_logged: set[str] = set()
 
 
 # One probe channel per event loop, reused, so readiness checks leave no subscriptions behind.
