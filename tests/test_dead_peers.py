@@ -13,6 +13,9 @@ from tests.processes import DaphneNode, scaled
 from tests.rawws import OP_PING, RawClient
 from tests.wsclient import ping_pong_sync, ws_connect_sync
 
+# Each test waits out ping intervals and timeouts by design.
+pytestmark = pytest.mark.slow
+
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 1.0
 # Daphne's timeout checker runs every 2 s, so a ping can go out up to 2 s late; 1 s more for a busy machine.

@@ -12,9 +12,10 @@ from tests.rawws import RawClient
 from tests.wsclient import close_code, next_event, ping_pong, ws_connect
 
 
-@pytest.fixture
-def node(daphne_nodes):
-    return daphne_nodes()
+@pytest.fixture(scope="module")
+def node(module_daphne_nodes):
+    """One node for the module's tests that leave it as they found it."""
+    return module_daphne_nodes()
 
 
 async def test_ping_over_tcp_is_answered_with_pong(node):
@@ -84,6 +85,7 @@ async def test_sigterm_closes_every_client_with_4012_and_exits_0(daphne_nodes):
     assert "drained 3 of 3" in node.output()
 
 
+@pytest.mark.slow
 def test_readyz_turns_503_as_soon_as_draining_starts(daphne_nodes):
     node = daphne_nodes({"PINGPONG_DRAIN_SECONDS": "5"})
     holder = silent_websocket(node.port)  # keeps the drain busy until its close handshake times out
@@ -96,6 +98,7 @@ def test_readyz_turns_503_as_soon_as_draining_starts(daphne_nodes):
     assert node.wait(15) == 0
 
 
+@pytest.mark.slow
 def test_connection_during_drain_is_turned_away_with_4013(daphne_nodes):
     node = daphne_nodes({"PINGPONG_DRAIN_SECONDS": "5"})
     holder = silent_websocket(node.port)
