@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 
-.PHONY: run test lint format bench clean
+.PHONY: run test test-fast lint format bench clean
 
 # The service's own dependencies: all `make run` needs.
 $(BASE): pyproject.toml
@@ -27,6 +27,10 @@ run: $(BASE)
 test: $(DEV)
 	$(BIN)/python -m pytest
 
+## test-fast: the suite without the tests marked `slow` (under a minute), for the edit-and-test loop
+test-fast: $(DEV)
+	$(BIN)/python -m pytest -m "not slow"
+
 ## lint: ruff (lint + format check) and mypy
 lint: $(DEV)
 	$(BIN)/ruff check .
@@ -42,4 +46,4 @@ bench: $(DEV)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache staticfiles artifacts
+	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache staticfiles artifacts

@@ -6,30 +6,17 @@ the handshake, unmasked frames in, masked pong/close out, one timestamp per read
 """
 
 import asyncio
-import base64
-import os
 import struct
 import time
 
-OP_TEXT, OP_CLOSE, OP_PING = 0x1, 0x8, 0x9
-
-
-def masked_frame(opcode: int, payload: bytes) -> bytes:
-    """A client frame (clients must mask); payloads here are short control frames."""
-    mask = os.urandom(4)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+from tests.rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, close_payload, frame_encode, handshake_request
 
 
 class FanoutClient(asyncio.Protocol):
     """One connection; `frames` collects (arrival time, text payload) for every text frame."""
 
     def __init__(self, *, host: str, port: int, path: str, origin: str) -> None:
-        self.request = (
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Origin: {origin}\r\n\r\n"
-        ).encode()
+        self.request = handshake_request(host=host, port=port, path=path, origin=origin)
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.buffer = bytearray()
         self.upgraded = False
@@ -84,17 +71,17 @@ class FanoutClient(asyncio.Protocol):
             if opcode == OP_TEXT:
                 self.frames.append((now, payload))
             elif opcode == OP_PING:
-                self.transport.write(masked_frame(0xA, payload))
+                self.transport.write(frame_encode(opcode=OP_PONG, payload=payload))
             elif opcode == OP_CLOSE:
                 self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-                self.transport.write(masked_frame(OP_CLOSE, payload[:2]))
+                self.transport.write(frame_encode(opcode=OP_CLOSE, payload=payload[:2]))
                 self.transport.close()
         if offset:
             del buffer[:offset]
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(masked_frame(OP_CLOSE, struct.pack("!H", 1000)))
+            self.transport.write(frame_encode(opcode=OP_CLOSE, payload=close_payload(1000)))
             self.transport.close()
 
 

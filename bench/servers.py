@@ -1,22 +1,20 @@
 """Server processes for the benchmark: redis-server, daphne and uvicorn, pinned to the server cores.
 
-Every process is started and killed by the benchmark; logs go to bench/results/logs/.
+Every process is started and killed by the benchmark; logs go to bench/results/logs/. The
+processes themselves are the tests' (tests/processes.py: port 0 read back from the log,
+bounded start, one kill), so the benchmark and the suite start servers one way.
 """
 
 import os
 import resource
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-LOOPBACK = "127.0.0.1"
+from tests.processes import LOOPBACK, RedisServer, ServerProcess, healthy, rss_bytes
+
+__all__ = ["LOOPBACK", "ServerProcess", "rss_bytes"]  # re-exported for the workloads
+
 SECRET = "bench-secret-key-not-for-deployment-0123456789-abcdefghijklmnopqrstuvwxyz"
 TOKEN = "bench-broadcast-token"
 
@@ -30,12 +28,6 @@ APPS = {
     "rawfanout": "bench.fanout:application",
 }
 SERVERS = ("daphne", "uvicorn")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def cpu_split() -> tuple[set[int] | None, set[int] | None]:
@@ -62,17 +54,6 @@ def open_files_raise() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc (0 where /proc is missing)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process, from /proc (0.0 where /proc is missing)."""
     try:
@@ -80,68 +61,6 @@ def process_cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
-
-
-def wait_for(predicate, *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((LOOPBACK, port)) == 0
-
-
-@dataclass
-class Process:
-    """One server process with its log file."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    port: int
-    log_dir: Path
-    proc: subprocess.Popen | None = None
-    log_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_dir / f"{self.name}-{self.port}.log"
-
-    def start(self, *, ready, timeout: float = 30) -> "Process":
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
-            return ready()
-
-        wait_for(up, timeout=timeout, what=f"{self.name} on port {self.port}")
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/healthz", timeout=1) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 #: Settings module per app (default project.settings).
@@ -176,24 +95,31 @@ def server_argv(*, app: str, server: str, port: int) -> list[str]:
         return [
             sys.executable, "-m", "uvicorn", APPS[app], "--host", LOOPBACK, "--port", str(port),
             "--loop", "uvloop", "--http", "httptools", "--lifespan", "off",
-            "--no-access-log", "--log-level", "warning", "--backlog", "4096",
+            # info: the "running on" line carries the bound port; the access log stays off.
+            "--no-access-log", "--log-level", "info", "--backlog", "4096",
         ]  # fmt: skip
     raise ValueError(f"unknown server {server!r}")
 
 
-def app_start(*, app: str, server: str, redis_url: str | None, cores: set[int] | None, log_dir: Path) -> Process:
-    """Start one app on one server, pinned to `cores`, and wait until /healthz answers."""
-    port = free_port()
-    argv = pin_prefix(cores) + server_argv(app=app, server=server, port=port)
-    process = Process(f"{server}-{app}", argv, server_env(redis_url=redis_url, app=app), port, log_dir)
-    return process.start(ready=lambda: healthy(port))
+def app_start(*, app: str, server: str, redis_url: str | None, cores: set[int] | None, log_dir: Path) -> ServerProcess:
+    """Start one app on one server on an ephemeral port, pinned to `cores`; ready when /healthz answers."""
+    process = ServerProcess(
+        lambda port: pin_prefix(cores) + server_argv(app=app, server=server, port=port),
+        name=f"{server}-{app}",
+        env=server_env(redis_url=redis_url, app=app),
+        ready=lambda started: healthy(f"http://{LOOPBACK}:{started.port}"),
+        # daphne's own CLI (baseline, stock, rawfanout) runs under the project's logging settings,
+        # which silence its "Listening on" line: it gets a port probed free instead of port 0.
+        probe_port=server == "daphne" and not app.startswith("project"),
+        log_dir=log_dir,
+    )
+    process.start()
+    return process
 
 
-def redis_start(*, cores: set[int] | None, log_dir: Path) -> Process | None:
-    """A throwaway redis-server on a free port; None when redis-server is not installed."""
+def redis_start(*, cores: set[int] | None, log_dir: Path) -> RedisServer | None:
+    """A throwaway redis-server; None when redis-server is not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         return None
-    port = free_port()
-    argv = pin_prefix(cores) + [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
-    return Process("redis", argv, dict(os.environ), port, log_dir).start(ready=lambda: port_open(port), timeout=10)
+    return RedisServer(binary, prefix=pin_prefix(cores), log_dir=log_dir).start()

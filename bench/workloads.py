@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fanclient import FanoutClient, fanout_client_open
-from bench.servers import LOOPBACK, TOKEN, Process, app_start, process_cpu_seconds, rss_bytes
+from bench.servers import LOOPBACK, TOKEN, ServerProcess, app_start, process_cpu_seconds, rss_bytes
 from pingpong import protocol
 from pingpong.loadtest import (
     CONNECT_CONCURRENCY,
@@ -38,11 +38,11 @@ def run_async(coroutine) -> Any:
         return runner.run(coroutine)
 
 
-def ws_url(process: Process) -> str:
+def ws_url(process: ServerProcess) -> str:
     return f"ws://{LOOPBACK}:{process.port}/ws/"
 
 
-def origin(process: Process) -> str:
+def origin(process: ServerProcess) -> str:
     return f"http://{LOOPBACK}:{process.port}"
 
 
@@ -109,7 +109,7 @@ def w1_pingpong(
     }
 
 
-async def _w2_client(process: Process, connections: int, say: Say) -> Row:
+async def _w2_client(process: ServerProcess, connections: int, say: Say) -> Row:
     url, allowed = ws_url(process), origin(process)
     await loadtest_probe(url, origin=allowed)  # warm up: imports, first handshake
     await asyncio.sleep(0.5)
@@ -203,7 +203,9 @@ async def broadcast_post(port: int, text: str) -> int:
     return int(status_line.split()[1]) if status_line else 0
 
 
-async def _w3_client(nodes: list[Process], clients: int, rate: float, seconds: float, drain: float, say: Say) -> Row:
+async def _w3_client(
+    nodes: list[ServerProcess], clients: int, rate: float, seconds: float, drain: float, say: Say
+) -> Row:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     opened: list[FanoutClient] = []
@@ -305,7 +307,7 @@ def w3_fanout(
     say: Say,
 ) -> Row:
     """Broadcast through the API to clients split over daphne nodes behind one Redis."""
-    started: list[Process] = []
+    started: list[ServerProcess] = []
     try:
         for _ in range(nodes):
             started.append(app_start(app=app, server="daphne", redis_url=redis_url, cores=cores, log_dir=log_dir))

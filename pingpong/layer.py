@@ -10,6 +10,7 @@ when the node's event loop was running late).
 
 import asyncio
 import logging
+import ssl
 import uuid
 import weakref
 from collections.abc import Awaitable
@@ -67,6 +68,9 @@ def layer_error_text(error: BaseException, *, limit: float, late: float | None =
 
     `late` is how long after the call's deadline the caller ran again, None if the deadline did not expire.
     """
+    tls = tls_verify_failure(error)
+    if tls is not None:
+        return tls
     detail = str(error) or type(error).__name__
     if isinstance(error, PoolExhausted):
         return detail
@@ -93,6 +97,30 @@ async def layer_warm_up(*, groups: list[str]) -> None:
         await layer_call(warm_up(groups), operation="warm_up")
     except ChannelLayerUnavailable as error:
         logger.warning("channel layer not warmed up at start (%s); connections will subscribe on demand", error)
+
+
+def tls_verify_failure(error: BaseException) -> str | None:
+    """A plain sentence when `error` was caused by a Redis certificate that failed verification, else None.
+
+    redis-py wraps the SSL error in a ConnectionError whose text does not say "certificate";
+    an operator should not have to guess that a CA file or a certificate is at fault.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:  # the chain is short; `seen` stops a cycle
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = f"TLS certificate verification failed: {cause.verify_message or cause}"
+            if reason not in _tls_failures_logged and len(_tls_failures_logged) < 16:
+                # Logged once per reason: a readiness probe every few seconds would repeat it forever.
+                _tls_failures_logged.add(reason)
+                logger.error("channel layer: %s (check the Redis certificate and ssl_ca_certs)", reason)
+            return reason
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+_tls_failures_logged: set[str] = set()
 
 
 # One probe channel per event loop, reused, so readiness checks leave no subscriptions behind.

@@ -27,6 +27,8 @@ CONNECT_CONCURRENCY = 50
 #: Seconds a handshake or a single answer may take before it counts as failed.
 OPEN_TIMEOUT = 10.0
 ANSWER_TIMEOUT = 10.0
+# Events a closed-loop client reads past while it waits for `pong!`.
+SKIPPED_EVENTS = (protocol.EVENT_BROADCAST, protocol.EVENT_ERROR)
 #: Seconds to wait for in-flight pings and the closing handshakes at the end.
 FINISH_TIMEOUT = 5.0
 
@@ -162,7 +164,7 @@ async def ping_answer(ws: ClientConnection, *, within: float = ANSWER_TIMEOUT) -
     async with asyncio.timeout(within):
         while True:
             answer = await ws.recv()
-            if not (isinstance(answer, str) and answer.startswith('{"type":"broadcast"')):
+            if protocol.event_type(answer) != protocol.EVENT_BROADCAST:
                 return answer if isinstance(answer, str) else repr(answer)
 
 
@@ -188,7 +190,7 @@ async def explanation_before_close(ws: ClientConnection) -> str | None:
             frame = await ws.recv()
     except (ConnectionClosed, TimeoutError):
         return None
-    return frame if isinstance(frame, str) and frame.startswith('{"type":"error"') else None
+    return frame if isinstance(frame, str) and protocol.event_type(frame) == protocol.EVENT_ERROR else None
 
 
 async def loadtest_probe(url: str, *, origin: str) -> None:
@@ -212,7 +214,7 @@ async def loadtest_probe(url: str, *, origin: str) -> None:
         raise LoadtestError(f"the server did not answer 'ping' within {ANSWER_TIMEOUT:g}s.") from None
     finally:
         await ws.close()
-    if answer.startswith('{"type":"error"'):
+    if protocol.event_type(answer) == protocol.EVENT_ERROR:
         # The node explained a refusal (full, draining, layer down) before closing.
         raise LoadtestError(f"the server refused the first connection: {answer}")
     if answer != protocol.PONG:
@@ -293,10 +295,11 @@ class _Run:
                 # cancels a worker still waiting after FINISH_TIMEOUT.
                 await ws.send(protocol.PING)
                 answer = await ws.recv()
-                while isinstance(answer, str) and answer.startswith(('{"type":"broadcast"', '{"type":"error"')):
-                    if answer.startswith('{"type":"error"'):
+                # `pong!` is compared first, so only the rare event is parsed.
+                while answer != protocol.PONG and (kind := protocol.event_type(answer)) in SKIPPED_EVENTS:
+                    if kind == protocol.EVENT_ERROR:
                         # An explained refusal (rate limit, node full...): count it, the close follows.
-                        self.errors[error_name(answer)] += 1
+                        self.errors[error_name(str(answer))] += 1
                     answer = await ws.recv()
                 now = perf()
                 if not isinstance(answer, str):

@@ -57,6 +57,28 @@ BROADCAST_DEDUP_SECONDS: Final = 300.0
 BROADCAST_DEDUP_MAX_IDS: Final = 10_000
 
 
+# Event types of the JSON text events the server pushes (`pong!` stays plain text).
+EVENT_BROADCAST: Final = "broadcast"
+EVENT_ERROR: Final = "error"
+EVENT_PONG: Final = "pong"
+
+
+def event_type(frame: str | bytes) -> str | None:
+    """The `type` of a server event, or None for a frame that is not one (`pong!`, binary, other text).
+
+    Clients tell events apart through this one helper, not by string prefix: the server's
+    JSON is compact today, but nothing promises the key order or spacing.
+    """
+    if not isinstance(frame, str) or not frame.startswith("{"):
+        return None
+    try:
+        event = json.loads(frame)
+    except ValueError:
+        return None
+    kind = event.get("type") if isinstance(event, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def encode_event(event: dict[str, Any]) -> str:
     """Serialise a server event as compact JSON text."""
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)

@@ -117,6 +117,10 @@ class PingpongServer(Server):
         # handshake would hold a socket that long. Established websockets are not affected.
         self.http_factory.timeOut = settings.PINGPONG_HTTP_IDLE_TIMEOUT
         super().listen_success(port)
+        # The bound address, so `--port 0` (an ephemeral port, as tests and the benchmark use) can be read back.
+        bound = port.getHost() if hasattr(port, "getHost") else None
+        if bound is not None and hasattr(bound, "port"):
+            logger.info("listening on http://%s:%s", bound.host, bound.port)
 
     def kill_all_applications(self) -> defer.Deferred:
         drained = defer.Deferred.fromFuture(

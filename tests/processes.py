@@ -1,10 +1,14 @@
-"""Real processes for tests: a redis-server and daphne nodes, each on a free loopback port.
+"""Real processes for tests and the benchmark: daphne nodes, uvicorn and redis-server on loopback.
 
-Every process is owned by the test that starts it and is killed when the test ends.
+Every process is owned by whoever starts it (a fixture, a workload) and is killed when it ends.
+Servers that can are bound to port 0 and the port they got is read back from their log, so
+no port is probed free and then raced for. This module imports nothing from pytest at load
+time: `bench/` uses it too.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,9 +19,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -25,21 +28,49 @@ ORIGIN = "http://127.0.0.1"
 TEST_SECRET = "test-secret-key-for-pingpong-tests-only-0123456789-abcdefghijklmnop"
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+def timeout_factor() -> float:
+    """PINGPONG_TEST_TIMEOUT_FACTOR (default 1): every timeout in the toolkit is multiplied by it.
+
+    As websockets' WEBSOCKETS_TESTS_TIMEOUT_FACTOR: a slow or busy machine (CI) sets 2 or more
+    instead of every test growing its own slack.
+    """
+    value = float(os.environ.get("PINGPONG_TEST_TIMEOUT_FACTOR") or 1)
+    if value <= 0:
+        raise ValueError(f"PINGPONG_TEST_TIMEOUT_FACTOR must be positive, not {value}")
+    return value
 
 
-def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
-    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+TIMEOUT_FACTOR = timeout_factor()
+
+
+def scaled(seconds: float) -> float:
+    """`seconds` times PINGPONG_TEST_TIMEOUT_FACTOR: use it for every wait that a slow machine makes longer."""
+    return seconds * TIMEOUT_FACTOR
+
+
+def wait_until(
+    predicate: Callable[[], object], *, timeout: float, interval: float = 0.05, what: str = "condition"
+) -> None:
+    """Poll `predicate` until it is true; fail after `timeout` seconds (scaled)."""
+    limit = scaled(timeout)
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {limit:g}s waiting for {what}")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now.
+
+    Only for what cannot bind port 0 and say which port it got (redis-server's `--port 0`
+    turns TCP off), or for an address that must refuse connections. Racy by nature: a
+    server started on it retries on another port if it was taken meanwhile.
+    """
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 def port_open(port: int) -> bool:
@@ -48,8 +79,30 @@ def port_open(port: int) -> bool:
         return sock.connect_ex((LOOPBACK, port)) == 0
 
 
-def redis_binary() -> str | None:
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (0 where /proc or the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def healthy(http: str) -> bool:
+    """True when GET {http}/healthz answers 200."""
+    try:
+        with urllib.request.urlopen(f"{http}/healthz", timeout=1) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def redis_binary() -> str:
     """The redis-server binary; skips the test without one unless PINGPONG_REQUIRE_REDIS is set."""
+    import pytest  # here, not at the top: bench/ imports this module without pytest's runner
+
     found = shutil.which("redis-server")
     if found is None:
         if os.environ.get("PINGPONG_REQUIRE_REDIS"):
@@ -58,56 +111,195 @@ def redis_binary() -> str | None:
     return found
 
 
-class RedisServer:
-    """A redis-server on a free port that keeps nothing on disk; restartable on the same port."""
+# How daphne (`manage.py serve` and its own CLI) and uvicorn say which address they bound.
+BOUND_PORT = re.compile(r"(?:listening on http://|Listening on TCP address |running on http://)127\.0\.0\.1:(\d+)")
 
-    def __init__(self, binary: str, *, password: str | None = None, args: tuple[str, ...] = ()) -> None:
-        self.binary = binary
-        self.port = free_port()
+
+class ServerProcess:
+    """A server in its own process with its own log file.
+
+    `command(port)` is its command line; with `port=0` (the default) the server binds an
+    ephemeral port and `start` reads it back from the log (see BOUND_PORT). A given port lets
+    a test restart a server where its clients expect it. `probe_port=True` is for servers that
+    cannot report a port they bound (redis-server; daphne's CLI under Django's logging
+    settings, which silence its "Listening on" line): a port probed free, and up to three
+    attempts if another process took it in between.
+    """
+
+    def __init__(
+        self,
+        command: Callable[[int], list[str]],
+        *,
+        name: str,
+        env: dict[str, str],
+        ready: Callable[["ServerProcess"], bool],
+        port: int = 0,
+        probe_port: bool = False,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.command, self.name, self.env, self.ready = command, name, env, ready
+        self.probe_port = probe_port
+        self.requested_port = port
+        self.port = port
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", dir=log_dir, delete=False)
+        self.log_path = Path(self.log.name)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, timeout: float = 30) -> "ServerProcess":
+        """Start the process and wait (`timeout` s, scaled) until its port is known and it is ready."""
+        if not self.probe_port or self.requested_port:  # port 0 read back, a given port, or a restart
+            self._start_once(timeout)
+            return self
+        for attempt in range(3):
+            self.requested_port = self.port = free_port()
+            try:
+                self._start_once(timeout)
+                return self
+            except AssertionError:
+                if attempt == 2 or "Address already in use" not in self.output():
+                    raise
+        return self
+
+    def _start_once(self, timeout: float) -> None:
+        self.proc = subprocess.Popen(
+            self.command(self.requested_port), cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        if not self.requested_port:
+            self.port = 0
+            wait_until(self._port_read, timeout=timeout, what=f"{self.name} to say which port it bound")
+        wait_until(
+            lambda: self.running() and self.ready(self),
+            timeout=timeout,
+            interval=0.1,
+            what=f"{self.name} on port {self.port}",
+        )
+
+    def _port_read(self) -> bool:
+        self.running()
+        found = BOUND_PORT.search(self.output())
+        if found:
+            self.port = int(found.group(1))
+        return found is not None
+
+    def running(self) -> bool:
+        """True while the process runs; fails with its log when it has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+        return True
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, waiting at most `timeout` s (scaled)."""
+        assert self.proc is not None
+        return self.proc.wait(timeout=scaled(timeout))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=scaled(10))
+
+    def stop(self) -> None:
+        """Kill the process and keep its log (the benchmark's logs stay in bench/results/logs/)."""
+        self.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory, from /proc."""
+        return rss_bytes(self.pid)
+
+    def close(self, *, keep_log: bool = False) -> None:
+        """Kill the process; remove its log unless asked to keep it."""
+        self.kill()
+        self.log.close()
+        if not keep_log:
+            self.log_path.unlink(missing_ok=True)
+
+
+class RedisServer(ServerProcess):
+    """A redis-server that keeps nothing on disk; restartable on the same port.
+
+    redis-server cannot bind port 0 and report it (`--port 0` turns TCP off), so it gets a
+    port probed free (see ServerProcess).
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        *,
+        password: str | None = None,
+        args: tuple[str, ...] = (),
+        prefix: Sequence[str] = (),
+        log_dir: Path | None = None,
+    ) -> None:
         self.password = password
         self.args = args  # more redis-server options, e.g. ("--maxmemory", "8mb")
-        self.proc: subprocess.Popen[bytes] | None = None
+
+        def command(port: int) -> list[str]:
+            argv = [*prefix, binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+            return argv + (["--requirepass", password] if password else []) + list(args)
+
+        super().__init__(
+            command,
+            name="redis",
+            env=dict(os.environ),
+            ready=lambda server: port_open(server.port),
+            probe_port=True,
+            log_dir=log_dir,
+        )
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}{LOOPBACK}:{self.port}/0"
 
-    def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
-        if self.password:
-            args += ["--requirepass", self.password]
-        args += self.args
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: port_open(self.port), timeout=10, what="redis-server to listen")
+    def start(self, *, timeout: float = 10) -> "RedisServer":
+        super().start(timeout=timeout)
+        return self
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        wait_until(lambda: not port_open(self.port), timeout=10, what="redis-server to stop")
-
-    def stop(self) -> None:
-        self.kill()
+        super().kill()
+        if self.port:
+            wait_until(lambda: not port_open(self.port), timeout=10, what="redis-server to stop")
 
 
-class DaphneNode:
+def node_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test node: production mode, loopback hosts, no REDIS_URL unless given."""
+    inherited = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
+    return {
+        **inherited,
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": TEST_SECRET,
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+
+
+def serve_command(port: int) -> list[str]:
+    """`manage.py serve` on loopback: how `make run`, compose and the tests start the project."""
+    return [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port)]
+
+
+class DaphneNode(ServerProcess):
     """`manage.py serve` in its own process, with its own environment and log file."""
 
-    def __init__(self, *, env: dict[str, str] | None = None, port: int | None = None) -> None:
-        # A given port lets a test restart a node where its clients expect it.
-        self.port = free_port() if port is None else port
-        inherited = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
-        self.env = {
-            **inherited,
-            "DJANGO_DEBUG": "0",
-            "DJANGO_SECRET_KEY": TEST_SECRET,
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        self.log = tempfile.NamedTemporaryFile(prefix="daphne-", suffix=".log", delete=False)
-        self.proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, *, env: dict[str, str] | None = None, port: int = 0) -> None:
+        super().__init__(
+            serve_command, name="daphne", env=node_env(env), ready=lambda node: healthy(node.http), port=port
+        )
 
     @property
     def http(self) -> str:
@@ -117,49 +309,9 @@ class DaphneNode:
     def ws(self) -> str:
         return f"ws://{LOOPBACK}:{self.port}/ws/"
 
-    def start(self) -> "DaphneNode":
-        self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(self.port)],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_until(self.healthy, timeout=30, interval=0.1, what=f"daphne on port {self.port}")
+    def start(self, *, timeout: float = 30) -> "DaphneNode":
+        super().start(timeout=timeout)
         return self
-
-    def healthy(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"daphne exited with {self.proc.returncode}:\n{self.output()}")
-        try:
-            with urllib.request.urlopen(f"{self.http}/healthz", timeout=1) as response:
-                return response.status == 200
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def rss_bytes(self) -> int:
-        """The server process's resident memory, from /proc."""
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS line")
 
     def metric(self, name: str, labels: str = "") -> float:
         """One sample from /metrics, e.g. metric("pingpong_limit_hits_total", 'limit="size"'); 0 if absent."""
@@ -170,11 +322,6 @@ class DaphneNode:
             if sample == wanted:
                 return float(value)
         return 0.0
-
-    def close(self) -> None:
-        self.kill()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
 
 
 class PeakRss:
@@ -201,7 +348,7 @@ def http_request(
     """One HTTP request; returns (status, body) for success and error statuses alike."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=scaled(10)) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -228,5 +375,5 @@ def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
     )

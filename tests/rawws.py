@@ -1,6 +1,8 @@
 """Hand-built websocket frames over a plain socket, for inputs a real client library refuses to send.
 
-Everything here talks to loopback only and every read is bounded by a socket timeout.
+Everything here talks to loopback only and every read is bounded by a socket timeout (scaled by
+PINGPONG_TEST_TIMEOUT_FACTOR). `handshake_request` is the one hand-built upgrade request: the
+benchmark's receive-only client sends it too.
 """
 
 import base64
@@ -10,7 +12,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from tests.processes import LOOPBACK, ORIGIN
+from tests.processes import LOOPBACK, ORIGIN, scaled
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -28,6 +30,7 @@ def key_new() -> str:
 def handshake_request(
     *,
     port: int,
+    host: str = LOOPBACK,
     path: str = "/ws/",
     key: str | None = None,
     version: str = "13",
@@ -36,7 +39,7 @@ def handshake_request(
 ) -> bytes:
     """The bytes of an HTTP/1.1 upgrade request; `origin=None` leaves the Origin header out."""
     headers = {
-        "Host": f"{LOOPBACK}:{port}",
+        "Host": f"{host}:{port}",
         "Upgrade": "websocket",
         "Connection": "Upgrade",
         "Sec-WebSocket-Key": key if key is not None else key_new(),
@@ -91,7 +94,7 @@ class RawClient:
     def __init__(self, port: int, *, timeout: float = 5.0, receive_buffer: int | None = None) -> None:
         self.port = port
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(scaled(timeout))
         if receive_buffer is not None:  # before connect, so the TCP window starts small
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.connect((LOOPBACK, port))
@@ -177,6 +180,7 @@ class RawClient:
 
     def close_code_read(self, *, timeout: float = 5.0) -> int | None:
         """Read frames until a close frame (its code) or the end of the connection (None)."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             frame = self.frame_read()
@@ -199,8 +203,8 @@ class RawClient:
         raise AssertionError(f"no close frame within {limit} frames")
 
     def server_closed(self, *, timeout: float) -> bool:
-        """True when the server ends the TCP connection within `timeout` s; frames are read and dropped."""
-        deadline = time.monotonic() + timeout
+        """True when the server ends the TCP connection within `timeout` s (scaled); frames are read and dropped."""
+        deadline = time.monotonic() + scaled(timeout)
         while (left := deadline - time.monotonic()) > 0:
             self.sock.settimeout(left)
             try:

@@ -34,6 +34,7 @@ def test_w1_on_the_baseline_counts_messages_and_percentiles(logs):
     assert set(row["rtt_ms"]) == {"p50", "p90", "p99", "max"}
 
 
+@pytest.mark.slow
 def test_w2_on_the_project_holds_every_connection_and_each_answers(logs):
     row = w2_capacity(
         app="project", server="daphne", connections=20, redis_url=None, cores=None, log_dir=logs, say=quiet
@@ -43,6 +44,7 @@ def test_w2_on_the_project_holds_every_connection_and_each_answers(logs):
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_w3_on_the_raw_fanout_delivers_every_broadcast(redis_server, logs):
     row = w3_fanout(
         app="rawfanout", clients=4, nodes=2, rate=10, seconds=0.3, drain=5,
@@ -70,6 +72,7 @@ def test_ratios_and_verdicts_compare_the_project_with_the_baseline_of_the_same_r
     assert [line.endswith("met") for line in report.verdicts(rows)] == [True, True]
 
 
+@pytest.mark.slow
 def test_a_quick_w1_run_writes_the_json_and_the_chart(tmp_path):
     code = main(
         ["--only", "w1", "--servers", "daphne", "--apps", "baseline", "--connections", "2", "--duration", "1",

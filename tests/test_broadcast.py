@@ -165,6 +165,7 @@ def node_ready(node: DaphneNode) -> bool:
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 async def test_a_broadcast_cut_off_by_a_redis_pause_is_504_and_its_retry_arrives_once(redis_server, daphne_nodes):
     """Unknown outcome: 504 outcome_unknown; after Redis wakes a retry with the id is 202; each client gets it once."""
     node = daphne_nodes(redis_env(redis_server, PINGPONG_LAYER_TIMEOUT="0.5"))
@@ -241,6 +242,7 @@ class ReplyHoldingProxy:
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 async def test_a_retry_of_a_broadcast_that_did_arrive_is_dropped_by_every_node(redis_server, daphne_nodes):
     """PUBLISH ran but its reply was held: 504, clients on both nodes got it, and the 202 retry reaches no one again."""
     proxy = ReplyHoldingProxy(redis_server.port)
@@ -272,6 +274,7 @@ async def test_a_retry_of_a_broadcast_that_did_arrive_is_dropped_by_every_node(r
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 async def test_a_broadcast_while_redis_is_down_is_503_and_never_delivered(redis_server, daphne_nodes):
     """Not sent: 503 unavailable while Redis is killed, and nothing arrives after it restarts."""
     node = daphne_nodes(redis_env(redis_server))
@@ -315,6 +318,7 @@ def test_the_command_says_retry_with_the_same_id_when_the_outcome_is_unknown(red
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_the_command_sends_with_the_given_id(redis_server):
     """`manage.py broadcast --id X` reports X as the id it sent."""
     result = manage("broadcast", "hello", "--id", "cmd-1", env=redis_env(redis_server))

@@ -114,6 +114,7 @@ async def test_a_thousand_of_every_abrupt_ending_leave_nothing_counted(capped_no
         assert await ping_pong(ws) == protocol.PONG
 
 
+@pytest.mark.slow
 def test_a_drain_after_abrupt_endings_has_nothing_left_to_wait_for(daphne_nodes):
     """Connections that ended abruptly are not waited for when the node drains."""
     node = daphne_nodes({"PINGPONG_RATE_PER_SECOND": "0"})

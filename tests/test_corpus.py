@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
 from tests import rawws
-from tests.processes import LOOPBACK, ORIGIN, DaphneNode, http_request
+from tests.processes import LOOPBACK, DaphneNode, http_request, scaled
 from tests.rawws import (
     OP_BINARY,
     OP_CLOSE,
@@ -37,6 +37,7 @@ from tests.rawws import (
     frame_encode,
     handshake_request,
 )
+from tests.wsclient import ping_pong_sync, ws_connect_sync
 
 TOKEN = "corpus-broadcast-token-7f3a9c"
 MAX_MESSAGE_BYTES = 1024
@@ -137,7 +138,7 @@ def raw_frames(*frames: bytes, path: str = "/ws/", then_close: bool = False, ski
 
 
 def ws_client(node: DaphneNode, path: str = "/ws/") -> ClientConnection:
-    return connect(f"ws://{LOOPBACK}:{node.port}{path}", origin=ORIGIN, open_timeout=5, close_timeout=2)  # type: ignore[arg-type]
+    return ws_connect_sync(f"ws://{LOOPBACK}:{node.port}{path}", close_timeout=2)
 
 
 def ws_replies(ws: ClientConnection, count: int) -> list[str]:
@@ -145,9 +146,8 @@ def ws_replies(ws: ClientConnection, count: int) -> list[str]:
     parts: list[str] = []
     try:
         for _ in range(count):
-            parts.append(event_summary(str(ws.recv(timeout=5))))
-        ws.send("ping")
-        if ws.recv(timeout=5) == "pong!":
+            parts.append(event_summary(str(ws.recv(timeout=scaled(5)))))
+        if ping_pong_sync(ws) == "pong!":
             parts.append("open")
     except ConnectionClosed as closed:
         parts.append(f"close {closed.rcvd.code}" if closed.rcvd else "dropped")
@@ -176,7 +176,7 @@ def ws_flood(count: int) -> Probe:
             parts: list[str] = []
             try:
                 for _ in range(count + 1):
-                    summary = event_summary(str(ws.recv(timeout=5)))
+                    summary = event_summary(str(ws.recv(timeout=scaled(5))))
                     if summary != "pong!":
                         parts.append(summary)
             except ConnectionClosed as closed:
@@ -284,13 +284,12 @@ def api_broadcast(text: str) -> Probe:
     def probe(node: DaphneNode) -> str:
         body = ('{"text": ' + json.dumps(text) + "}").encode()
         with ws_client(node) as listener:
-            listener.send("ping")
-            assert listener.recv(timeout=5) == "pong!"  # joined the group
+            assert ping_pong_sync(listener) == "pong!"  # joined the group
             status = api(body=body)(node)
             if status != "http 202":
                 return status
             try:
-                event = json.loads(listener.recv(timeout=2))
+                event = json.loads(listener.recv(timeout=scaled(2)))
             except TimeoutError:
                 return f"{status}, not delivered"
             return f"{status}, delivered" if event.get("text") == text else f"{status}, wrong text"
@@ -514,9 +513,9 @@ def row_id(row: object) -> str:
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[DaphneNode]:
+def node(module_daphne_nodes) -> DaphneNode:
     """One daphne node for the whole table, with small limits so rows stay quick."""
-    daphne = DaphneNode(
+    return module_daphne_nodes(
         env={
             "PINGPONG_BROADCAST_TOKEN": TOKEN,
             "PINGPONG_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
@@ -527,10 +526,6 @@ def node() -> Iterator[DaphneNode]:
             "PINGPONG_MAX_CONNECTIONS_PER_IP": str(MAX_CONNECTIONS_PER_IP),
         }
     )
-    try:
-        yield daphne.start()
-    finally:
-        daphne.close()
 
 
 class Control:
@@ -548,8 +543,7 @@ class Control:
         """Ping and wait for `pong!`; broadcasts that arrive first are skipped."""
         time.sleep(max(0.0, self.next_ping_at - time.monotonic()))
         self.next_ping_at = time.monotonic() + 1 / RATE_PER_SECOND
-        self.ws.send("ping")
-        return any(self.ws.recv(timeout=5) == "pong!" for _ in range(10))
+        return ping_pong_sync(self.ws) == "pong!"
 
 
 @pytest.fixture(scope="module")

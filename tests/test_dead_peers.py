@@ -6,28 +6,28 @@ PINGPONG_PING_TIMEOUT. So a dead peer is gone within interval + timeout + that 2
 """
 
 import time
-from collections.abc import Iterator
 
 import pytest
-from websockets.sync.client import connect
 
-from tests.processes import ORIGIN, DaphneNode
+from tests.processes import DaphneNode, scaled
 from tests.rawws import OP_PING, RawClient
+from tests.wsclient import ping_pong_sync, ws_connect_sync
+
+# Each test waits out ping intervals and timeouts by design.
+pytestmark = pytest.mark.slow
 
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 1.0
 # Daphne's timeout checker runs every 2 s, so a ping can go out up to 2 s late; 1 s more for a busy machine.
 SLACK = 3.0
-DEADLINE = PING_INTERVAL + PING_TIMEOUT + SLACK
+DEADLINE = PING_INTERVAL + PING_TIMEOUT + scaled(SLACK)
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[DaphneNode]:
-    daphne = DaphneNode(env={"PINGPONG_PING_INTERVAL": str(PING_INTERVAL), "PINGPONG_PING_TIMEOUT": str(PING_TIMEOUT)})
-    try:
-        yield daphne.start()
-    finally:
-        daphne.close()
+def node(module_daphne_nodes) -> DaphneNode:
+    return module_daphne_nodes(
+        env={"PINGPONG_PING_INTERVAL": str(PING_INTERVAL), "PINGPONG_PING_TIMEOUT": str(PING_TIMEOUT)}
+    )
 
 
 def pings_until_dropped(client: RawClient, *, timeout: float) -> tuple[int, float | None]:
@@ -55,7 +55,6 @@ def test_client_that_never_answers_pings_is_dropped_within_interval_plus_timeout
 
 
 def test_client_that_answers_pings_stays_connected_past_the_deadline(node):
-    with connect(node.ws, origin=ORIGIN, open_timeout=5, ping_interval=None) as ws:
+    with ws_connect_sync(node.ws, ping_interval=None) as ws:
         time.sleep(DEADLINE + 1)  # the server pings at least twice meanwhile; websockets answers each
-        ws.send("ping")
-        assert ws.recv(timeout=5) == "pong!"
+        assert ping_pong_sync(ws) == "pong!"

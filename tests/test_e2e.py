@@ -1,22 +1,21 @@
 """End to end over TCP: real daphne processes (embedded layer) and a real websocket client."""
 
 import asyncio
-import base64
-import os
 import signal
-import socket
 
 import pytest
 from websockets.exceptions import InvalidStatus
 
 from pingpong import protocol
-from tests.processes import LOOPBACK, http_request, wait_until
+from tests.processes import http_request, scaled, wait_until
+from tests.rawws import RawClient
 from tests.wsclient import close_code, next_event, ping_pong, ws_connect
 
 
-@pytest.fixture
-def node(daphne_nodes):
-    return daphne_nodes()
+@pytest.fixture(scope="module")
+def node(module_daphne_nodes):
+    """One node for the module's tests that leave it as they found it."""
+    return module_daphne_nodes()
 
 
 async def test_ping_over_tcp_is_answered_with_pong(node):
@@ -48,7 +47,7 @@ async def test_echo_returns_empty_frames_through_daphne(node):
     async with await ws_connect(node.ws.replace("/ws/", "/ws/echo/")) as ws:
         for frame in ["", b"", "x", b"\x00"]:
             await ws.send(frame)
-            assert await asyncio.wait_for(ws.recv(), 5) == frame
+            assert await asyncio.wait_for(ws.recv(), scaled(5)) == frame
 
 
 async def test_message_over_daphne_limit_is_answered_by_the_app_with_4009(daphne_nodes):
@@ -69,18 +68,9 @@ async def test_connection_over_the_node_cap_is_closed_with_4013_and_the_first_ke
         assert await ping_pong(first) == "pong!"
 
 
-def silent_websocket(port: int) -> socket.socket:
+def silent_websocket(port: int) -> RawClient:
     """A raw client that completes the handshake, then never reads or answers anything."""
-    sock = socket.create_connection((LOOPBACK, port), timeout=5)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /ws/ HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{LOOPBACK}:{port}\r\n\r\n"
-        ).encode()
-    )
-    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
-    return sock
+    return RawClient(port).open()
 
 
 async def test_sigterm_closes_every_client_with_4012_and_exits_0(daphne_nodes):
@@ -95,6 +85,7 @@ async def test_sigterm_closes_every_client_with_4012_and_exits_0(daphne_nodes):
     assert "drained 3 of 3" in node.output()
 
 
+@pytest.mark.slow
 def test_readyz_turns_503_as_soon_as_draining_starts(daphne_nodes):
     node = daphne_nodes({"PINGPONG_DRAIN_SECONDS": "5"})
     holder = silent_websocket(node.port)  # keeps the drain busy until its close handshake times out
@@ -107,6 +98,7 @@ def test_readyz_turns_503_as_soon_as_draining_starts(daphne_nodes):
     assert node.wait(15) == 0
 
 
+@pytest.mark.slow
 def test_connection_during_drain_is_turned_away_with_4013(daphne_nodes):
     node = daphne_nodes({"PINGPONG_DRAIN_SECONDS": "5"})
     holder = silent_websocket(node.port)

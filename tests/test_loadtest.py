@@ -13,15 +13,17 @@ from tests.wsclient import ws_connect
 UNLIMITED = {"PINGPONG_RATE_PER_SECOND": "0"}
 
 
-@pytest.fixture
-def node(daphne_nodes):
-    return daphne_nodes(env=UNLIMITED)
+@pytest.fixture(scope="module")
+def node(module_daphne_nodes):
+    """One node for the module's tests that leave it as they found it."""
+    return module_daphne_nodes(env=UNLIMITED)
 
 
 def loadtest(*args: str):
     return manage("loadtest", *args, env={})
 
 
+@pytest.mark.slow
 def test_json_result_counts_every_connection_and_the_messages(node):
     run = loadtest(node.ws, "--connections", "2", "--duration", "1", "--json")
     assert run.returncode == 0, run.stderr
@@ -32,6 +34,7 @@ def test_json_result_counts_every_connection_and_the_messages(node):
     assert result["close_codes"] == {} and result["errors"] == {}
 
 
+@pytest.mark.slow
 def test_text_result_names_connections_rate_percentiles_and_close_codes(node):
     run = loadtest(node.ws, "--connections", "2", "--duration", "1", "--ramp-up", "0.2")
     assert run.returncode == 0, run.stderr
@@ -39,6 +42,7 @@ def test_text_result_names_connections_rate_percentiles_and_close_codes(node):
         assert label in run.stdout
 
 
+@pytest.mark.slow
 def test_close_codes_from_the_server_are_reported(daphne_nodes):
     limited = daphne_nodes(env={"PINGPONG_RATE_PER_SECOND": "1", "PINGPONG_RATE_BURST": "2"})
     run = loadtest(limited.ws, "--connections", "2", "--duration", "1", "--json")
@@ -55,6 +59,7 @@ def test_a_server_that_answers_something_else_is_one_line_error(node):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 async def test_a_full_node_is_reported_with_its_own_explanation(daphne_nodes):
     full = daphne_nodes(env={"PINGPONG_MAX_CONNECTIONS": "1"})
     async with await ws_connect(full.ws):  # takes the only place

@@ -71,18 +71,9 @@ def page(browser):
 
 
 @pytest.fixture
-def restart() -> Iterator[Callable[[DaphneNode], DaphneNode]]:
-    """Start a fresh node on a dead node's port; every one is killed after the test."""
-    started: list[DaphneNode] = []
-
-    def start(dead: DaphneNode) -> DaphneNode:
-        node = DaphneNode(env=NODE_ENV, port=dead.port)
-        started.append(node)
-        return node.start()
-
-    yield start
-    for node in started:
-        node.close()
+def restart(daphne_nodes) -> Callable[[DaphneNode], DaphneNode]:
+    """Start a fresh node on a dead node's port (where the page reconnects); killed after the test."""
+    return lambda dead: daphne_nodes(env=NODE_ENV, port=dead.port)
 
 
 def broadcast(node: DaphneNode, text: str) -> None:

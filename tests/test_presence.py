@@ -10,10 +10,11 @@ import pytest
 from django.test import AsyncClient
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from pingpong import presence
-from tests.processes import ORIGIN, DaphneNode, RedisServer, free_port, http_request, redis_binary
+from tests.processes import DaphneNode, RedisServer, free_port, http_request, redis_binary, scaled
+from tests.wsclient import ws_connect
 
 # The issue's promise: a node that dies drops out of the count within 15 s.
 DEAD_NODE_DEADLINE_SECONDS = 15.0
@@ -27,7 +28,8 @@ async def stats_of(node: DaphneNode) -> tuple[int, dict]:
 
 
 async def stats_until(node: DaphneNode, expected: dict, *, within: float) -> dict:
-    """Poll the node's /api/stats (every 0.2 s, at most `within` s) until it answers `expected`."""
+    """Poll the node's /api/stats (every 0.2 s, at most `within` s, scaled) until it answers `expected`."""
+    within = scaled(within)
     deadline = time.monotonic() + within
     seen: dict = {}
     while time.monotonic() < deadline:
@@ -39,7 +41,7 @@ async def stats_until(node: DaphneNode, expected: dict, *, within: float) -> dic
 
 
 async def open_clients(node: DaphneNode, count: int) -> list[ClientConnection]:
-    return [await connect(node.ws, origin=ORIGIN, open_timeout=10) for _ in range(count)]  # type: ignore[arg-type]
+    return [await ws_connect(node.ws) for _ in range(count)]
 
 
 async def close_all(clients: list[ClientConnection]) -> None:
@@ -190,8 +192,10 @@ def full_redis() -> Iterator[RedisServer]:
     maxmemory = f"{MAXMEMORY_MIB}mb"
     server = RedisServer(redis_binary(), args=("--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"))
     server.start()
-    yield server
-    server.kill()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 async def fill_until_oom(client: Redis) -> None:

@@ -23,8 +23,8 @@ def test_every_environment_setting_is_in_the_settings_table():
         assert f"| `{name}` |" in README, f"{name} is read by settings.py but not documented"
 
 
-def test_the_two_commands_are_make_targets():
-    for target in ("run", "test"):
+def test_the_two_commands_and_test_fast_are_make_targets():
+    for target in ("run", "test", "test-fast"):
         assert f"make {target}" in README
         assert re.search(rf"^{target}:", MAKEFILE, re.MULTILINE)
 

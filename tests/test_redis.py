@@ -24,6 +24,7 @@ def two_nodes(redis_server, daphne_nodes):
     return daphne_nodes(env), daphne_nodes(env)
 
 
+@pytest.mark.slow
 async def test_broadcasts_reach_every_client_on_both_nodes_exactly_once(redis_server, two_nodes):
     clients = [await ws_connect(node.ws) for node in two_nodes for _ in range(3)]
     for ws in clients:
@@ -49,6 +50,7 @@ async def test_idle_client_stays_connected_for_20_seconds(redis_server, daphne_n
     assert "1011" not in node.output()
 
 
+@pytest.mark.slow
 async def test_broadcasts_still_arrive_after_the_group_expiry(redis_server, daphne_nodes):
     node = daphne_nodes(redis_env(redis_server, DJANGO_SETTINGS_MODULE="tests.settings_short_expiry"))
     async with await ws_connect(node.ws) as ws:
@@ -66,6 +68,7 @@ def test_broadcast_command_exits_non_zero_when_redis_is_unreachable(redis_server
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 async def test_redis_outage_keeps_ping_working_and_reports_503_then_recovers(redis_server, two_nodes):
     clients = [await ws_connect(node.ws) for node in two_nodes for _ in range(2)]
     redis_server.kill()
@@ -94,6 +97,7 @@ async def test_redis_outage_keeps_ping_working_and_reports_503_then_recovers(red
         assert "Traceback" not in node.output()
 
 
+@pytest.mark.slow
 async def test_killing_one_node_leaves_the_other_serving_and_reconnects_land_there(redis_server, two_nodes):
     doomed, survivor = two_nodes
     on_doomed = await ws_connect(doomed.ws)

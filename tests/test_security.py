@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from websockets.sync.client import connect
 
 from tests.processes import (
     LOOPBACK,
@@ -21,21 +20,19 @@ from tests.processes import (
     manage,
     port_open,
     redis_binary,
+    scaled,
     wait_until,
 )
 from tests.rawws import RawClient, handshake_request
+from tests.wsclient import ping_pong_sync, ws_connect_sync
 
 TOKEN = "security-broadcast-token-5b1e0d47c2"
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[DaphneNode]:
+def node(module_daphne_nodes) -> DaphneNode:
     """A node with the broadcast token set and every logger at DEBUG, so a leak would show."""
-    daphne = DaphneNode(env={"PINGPONG_BROADCAST_TOKEN": TOKEN, "PINGPONG_LOG_LEVEL": "DEBUG"})
-    try:
-        yield daphne.start()
-    finally:
-        daphne.close()
+    return module_daphne_nodes(env={"PINGPONG_BROADCAST_TOKEN": TOKEN, "PINGPONG_LOG_LEVEL": "DEBUG"})
 
 
 def handshake_status(node: DaphneNode, *, origin: str | None, extra: dict[str, str] | None = None) -> int:
@@ -46,11 +43,10 @@ def handshake_status(node: DaphneNode, *, origin: str | None, extra: dict[str, s
 def broadcast_reaches_a_client(node: DaphneNode, *, token: str) -> bool:
     """Connect a client, broadcast through the HTTP API, and see the event arrive."""
     text = f"through redis {secrets.token_hex(4)}"
-    with connect(node.ws, origin=ORIGIN, open_timeout=5) as ws:
-        ws.send("ping")
-        assert ws.recv(timeout=5) == "pong!"  # connected and in the broadcast group
+    with ws_connect_sync(node.ws) as ws:
+        assert ping_pong_sync(ws) == "pong!"  # connected and in the broadcast group
         assert api_broadcast(node, text, token=token) == 202
-        event = json.loads(ws.recv(timeout=5))
+        event = json.loads(ws.recv(timeout=scaled(5)))
     return event.get("type") == "broadcast" and event.get("text") == text
 
 
@@ -128,9 +124,8 @@ def open_lines(node: DaphneNode) -> list[str]:
 def connect_and_log(node: DaphneNode) -> str:
     """Open one connection with proxy headers and return its `open` log line."""
     before = len(open_lines(node))
-    with connect(node.ws, origin=ORIGIN, open_timeout=5, additional_headers=SPOOFED_HEADERS) as ws:
-        ws.send("ping")
-        assert ws.recv(timeout=5) == "pong!"
+    with ws_connect_sync(node.ws, additional_headers=SPOOFED_HEADERS) as ws:
+        assert ping_pong_sync(ws) == "pong!"
     wait_until(lambda: len(open_lines(node)) > before, timeout=5, what="the open log line")
     return open_lines(node)[before]
 
@@ -158,7 +153,7 @@ def password_redis() -> Iterator[RedisServer]:
     try:
         yield server
     finally:
-        server.kill()
+        server.close()
 
 
 @pytest.fixture
@@ -185,63 +180,62 @@ def test_redis_with_a_wrong_password_makes_the_node_unready_without_revealing_it
 
 
 def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=scaled(60))
+
+
+# Extensions a strict verifier (Python 3.13's default VERIFY_X509_STRICT, RFC 5280) expects.
+CA_CONFIG = """\
+[req]
+distinguished_name = subject
+prompt = no
+x509_extensions = ca
+[subject]
+CN = {name}
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+"""
+SERVER_EXTENSIONS = f"""\
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:{LOOPBACK}
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+"""
+
+
+def ca_make(directory: Path, name: str, stem: str) -> None:
+    """A self-signed CA certificate and key: `{stem}.crt`, `{stem}.key`."""
+    (directory / f"{stem}.cnf").write_text(CA_CONFIG.format(name=name))
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-keyout", f"{stem}.key", "-out", f"{stem}.crt", "-config", f"{stem}.cnf",
+        cwd=directory,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def tls_certs(tmp_path_factory) -> Path:
-    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    """A throwaway CA, a server certificate for 127.0.0.1 it signed, and an unrelated CA, made with the openssl CLI."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl CLI is not installed")
     directory = tmp_path_factory.mktemp("tls")
-    days = ["-days", "1"]
+    ca_make(directory, "pingpong test CA", "ca")
+    ca_make(directory, "some other CA", "other-ca")
     openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        *days,
-        "-subj",
-        "/CN=pingpong test CA",
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", f"/CN={LOOPBACK}",
         cwd=directory,
-    )
+    )  # fmt: skip
+    (directory / "server.ext").write_text(SERVER_EXTENSIONS)
     openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        f"/CN={LOOPBACK}",
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", "1",
+        "-days", "1", "-out", "server.crt", "-extfile", "server.ext",
         cwd=directory,
-    )
-    (directory / "san.cnf").write_text(f"subjectAltName=IP:{LOOPBACK}\n")
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-set_serial",
-        "1",
-        "-out",
-        "server.crt",
-        *days,
-        "-extfile",
-        "san.cnf",
-        cwd=directory,
-    )
+    )  # fmt: skip
     return directory
 
 
@@ -273,14 +267,29 @@ def tls_redis(tls_certs) -> Iterator[int]:
         yield port
     finally:
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait(timeout=scaled(10))
         if proc.stdout:
             proc.stdout.close()
 
 
-@pytest.mark.parametrize("verify", ["ssl_cert_reqs=none", "ssl_ca_certs"], ids=["unverified", "verified with the CA"])
+@pytest.mark.parametrize(
+    "verify",
+    [
+        pytest.param("ssl_cert_reqs=none", id="unverified", marks=pytest.mark.slow),
+        pytest.param("ssl_ca_certs", id="verified with the CA"),  # the one a strict verifier (3.13) checks: fast
+    ],
+)
 def test_redis_over_tls_carries_broadcasts(tls_redis, tls_certs, redis_node, verify):
     query = f"ssl_ca_certs={tls_certs / 'ca.crt'}" if verify == "ssl_ca_certs" else verify
     node = redis_node(f"rediss://{LOOPBACK}:{tls_redis}/0?{query}")
     assert readyz_status(node) == 200
     assert broadcast_reaches_a_client(node, token=TOKEN)
+
+
+def test_a_certificate_the_ca_file_does_not_vouch_for_is_named_in_readyz_and_the_log(tls_redis, tls_certs, redis_node):
+    """A Redis certificate that fails verification makes /readyz 503 with a reason that says so, logged once."""
+    node = redis_node(f"rediss://{LOOPBACK}:{tls_redis}/0?ssl_ca_certs={tls_certs / 'other-ca.crt'}")
+    status, body = http_request(f"{node.http}/readyz")
+    assert status == 503
+    assert "TLS certificate verification failed" in json.loads(body)["reason"]
+    wait_until(lambda: "TLS certificate verification failed" in node.output(), timeout=5, what="the log line")

@@ -44,6 +44,7 @@ def keep_sending(client: rawws.RawClient, frame: bytes, *, per_second: float, se
     return False
 
 
+@pytest.mark.slow
 def test_a_client_that_never_reads_is_closed_with_4100_and_counted(daphne_nodes):
     """Pongs that pile up unread past the cap close the connection; the hit is logged once and counted."""
     node = daphne_nodes({"PINGPONG_MAX_PENDING_BYTES": "65536", "PINGPONG_RATE_PER_SECOND": "0"})
@@ -55,6 +56,7 @@ def test_a_client_that_never_reads_is_closed_with_4100_and_counted(daphne_nodes)
     assert "Traceback" not in node.output()
 
 
+@pytest.mark.slow
 def test_a_slow_client_that_reads_late_finds_the_error_event_and_close_4100(daphne_nodes):
     """The error event and close frame queue behind what was pending, for a client that reads again in time."""
     node = daphne_nodes({"PINGPONG_MAX_PENDING_BYTES": "65536", "PINGPONG_RATE_PER_SECOND": "0"})
@@ -70,6 +72,7 @@ def test_a_slow_client_that_reads_late_finds_the_error_event_and_close_4100(daph
     assert json.loads(frames[-2].payload)["error"] == protocol.ERROR_SLOW_CONSUMER
 
 
+@pytest.mark.slow
 def test_a_client_that_reads_keeps_its_connection_under_the_cap(daphne_nodes):
     """Answers that a client reads never count against it, however many it asks for."""
     node = daphne_nodes({"PINGPONG_MAX_PENDING_BYTES": "65536", "PINGPONG_RATE_PER_SECOND": "0"})
