@@ -22,12 +22,13 @@ from django.conf import settings
 from pingpong import metrics, protocol
 from pingpong.layer import ChannelLayerUnavailable, layer_call, layer_get
 from pingpong.layers import PUBLISH_PROGRESS, PingpongPubSubChannelLayer, PublishProgress
+from pingpong.local_layer import LocalChannelLayer
 
 _ID = re.compile(protocol.BROADCAST_ID_PATTERN)
 
 # Layers that can say "nothing was sent": in-process (nothing half-sent), or marking the
 # moment PUBLISH is written. On any other layer every failure is an unknown outcome.
-_LAYERS_THAT_KNOW_NOTHING_WAS_SENT = (InMemoryChannelLayer, PingpongPubSubChannelLayer)
+_LAYERS_THAT_KNOW_NOTHING_WAS_SENT = (InMemoryChannelLayer, LocalChannelLayer, PingpongPubSubChannelLayer)
 
 
 class BroadcastInvalid(ValueError):

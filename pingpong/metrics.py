@@ -22,6 +22,11 @@ BROADCASTS_SENT = Counter("pingpong_broadcasts_sent_total", "Broadcasts this nod
 LAYER_ERRORS = Counter(
     "pingpong_channel_layer_errors_total", "Channel-layer calls that failed or timed out.", ["operation"]
 )
+LAYER_DROPPED = Counter(
+    "pingpong_channel_layer_dropped_total",
+    "Messages the embedded layer dropped: a group member's queue was full, or a message expired unread.",
+    ["reason"],
+)
 
 
 class LoopCounter:

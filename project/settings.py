@@ -1,7 +1,7 @@
 """Settings for pingpong, read from the environment (see the README's settings table).
 
 With no environment at all this is a working local run: debug on, localhost only,
-the in-memory channel layer. Every deploy difference is one variable.
+the embedded (process-local) channel layer. Every deploy difference is one variable.
 """
 
 import os
@@ -128,7 +128,12 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Process-local, O(1) per connection and per message (Channels' InMemoryChannelLayer scans every
+    # channel on each receive). No group expiry: like the Redis pub/sub layer, a connection open for
+    # more than a day keeps receiving broadcasts.
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "pingpong.local_layer.LocalChannelLayer", "CONFIG": {"group_expiry": None}}
+    }
 
 # pingpong's own settings; names, defaults and meaning are listed in the README.
 PINGPONG_BROADCAST_TOKEN = env_str("PINGPONG_BROADCAST_TOKEN")

@@ -7,7 +7,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from pingpong import protocol
-from tests.processes import http_request, scaled, wait_until
+from tests.processes import api_broadcast, http_request, scaled, wait_until
 from tests.rawws import RawClient
 from tests.wsclient import close_code, next_event, ping_pong, ws_connect
 
@@ -112,3 +112,32 @@ def test_connection_during_drain_is_turned_away_with_4013(daphne_nodes):
     assert asyncio.run(late_client()) == protocol.CLOSE_TRY_AGAIN_LATER
     holder.close()
     assert node.wait(15) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_two_thousand_clients_on_the_embedded_layer_answer_ping_and_get_a_broadcast_exactly_once(daphne_nodes):
+    token = "e2e-broadcast-token"
+    node = daphne_nodes({"PINGPONG_MAX_CONNECTIONS_PER_IP": "0", "PINGPONG_BROADCAST_TOKEN": token})
+    gate = asyncio.Semaphore(50)
+
+    async def connect_one():
+        async with gate:
+            return await ws_connect(node.ws)
+
+    results = await asyncio.gather(*(connect_one() for _ in range(2000)), return_exceptions=True)
+    clients = [ws for ws in results if not isinstance(ws, BaseException)]
+    try:
+        assert len(clients) == 2000
+        assert await asyncio.gather(*(ping_pong(ws, timeout=60) for ws in clients)) == ["pong!"] * 2000
+        assert await asyncio.to_thread(api_broadcast, node, "to everyone", token=token) == 202
+        events = await asyncio.gather(*(next_event(ws, timeout=60) for ws in clients))
+        assert {(event["type"], event["text"]) for event in events} == {("broadcast", "to everyone")}
+
+        async def reply_after_ping(ws):
+            await ws.send("ping")  # a second copy of the broadcast would arrive before this answer
+            return await asyncio.wait_for(ws.recv(), 60)
+
+        assert await asyncio.gather(*(reply_after_ping(ws) for ws in clients)) == ["pong!"] * 2000
+    finally:
+        await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)

@@ -27,6 +27,6 @@ class Command(BaseCommand):
             port=options["port"],
             verbosity=options["verbosity"],
         )
-        layer = "redis pub/sub" if settings.REDIS_URL else "in-memory"
+        layer = "redis pub/sub" if settings.REDIS_URL else settings.CHANNEL_LAYERS["default"]["BACKEND"]
         logger.info("serving on http://%s:%s (channel layer: %s)", options["host"], options["port"], layer)
         server.run()
