@@ -20,7 +20,8 @@ is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire for
   queueing one by one on the shard lock (a cold node's burst of connections timed out there);
 - each shard's connections come from a `BoundedConnectionPool` (pingpong/pool.py): at most
   `max_connections`, the subscriber's included, a caller waits up to `pool_timeout` seconds
-  for one, and connections idle for `idle_seconds` are closed.
+  for one, and connections idle for `idle_seconds` are closed; a Sentinel host entry gets a
+  `BoundedSentinelConnectionPool`, bounded the same way.
 
 It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
 `_subscribed_to`, `_lock`, `_redis` and `_ensure_redis`), which pyproject pins below 5.
@@ -38,7 +39,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from pingpong.pool import BoundedConnectionPool
+from pingpong.pool import BoundedConnectionPool, BoundedSentinelConnectionPool
 
 #: Most PUBLISH commands in one pipeline, so one burst cannot build an unbounded request.
 PUBLISH_BATCH = 500
@@ -76,11 +77,16 @@ def glob_escape(text: str) -> str:
 def pool_create(
     host: dict[str, Any], *, max_connections: int, timeout: float, idle_seconds: float
 ) -> BoundedConnectionPool:
-    """A bounded pool for one channels_redis host entry (`address` URL or connection keywords)."""
+    """A bounded pool for one channels_redis host entry (`address` URL, Sentinels or connection keywords)."""
     options = dict(host)
-    if "master_name" in options:
-        raise ValueError("PingpongPubSubChannelLayer does not support Sentinel hosts")
     options.update(max_connections=max_connections, timeout=timeout, idle_seconds=idle_seconds)
+    if "master_name" in options:  # channels_redis' Sentinel entry: master_name, sentinels, sentinel_kwargs
+        return BoundedSentinelConnectionPool(
+            options.pop("master_name"),
+            sentinels=options.pop("sentinels"),
+            sentinel_kwargs=options.pop("sentinel_kwargs", None),
+            **options,
+        )
     if "address" in options:
         return BoundedConnectionPool.from_url(options.pop("address"), **options)
     return BoundedConnectionPool(**options)

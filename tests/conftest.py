@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.processes import DaphneNode, RedisServer, redis_binary
+from tests.processes import DaphneNode, RedisServer, SentinelServer, redis_binary
 
 # Unit tests run on the embedded layer whatever the developer's shell says.
 os.environ.pop("REDIS_URL", None)
@@ -18,6 +18,15 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+def redis_sentinel(redis_server: RedisServer) -> Iterator[SentinelServer]:
+    """A Sentinel watching `redis_server` as master "sentinel", password "channels_redis" (channels-redis' test setup)."""
+    sentinel = SentinelServer(redis_binary(), master=redis_server, master_name="sentinel", password="channels_redis")
+    sentinel.start()
+    yield sentinel
+    sentinel.kill()
 
 
 @pytest.fixture
