@@ -24,7 +24,8 @@ is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire for
   `BoundedSentinelConnectionPool`, bounded the same way.
 
 It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
-`_subscribed_to`, `_lock`, `_redis` and `_ensure_redis`), which pyproject pins below 5.
+`_subscribed_to`, `_lock`, `_redis`, `_pubsub`, `_ensure_redis`, `_ensure_receiver`, and its receive
+loop routing a `pmessage` by channel name), which pyproject pins below 5.
 """
 
 import asyncio

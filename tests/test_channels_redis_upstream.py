@@ -41,8 +41,9 @@ def upstream_run(
         PYTHONPATH=str(ROOT),
         PYTHONDONTWRITEBYTECODE="1",  # leave the cached sdist as it was unpacked
         PINGPONG_UPSTREAM_REDIS_URL=redis_server.url,
-        PINGPONG_UPSTREAM_SENTINEL=f"{LOOPBACK}:{sentinel.port if sentinel else 1}",
     )
+    if sentinel is not None:
+        env["PINGPONG_UPSTREAM_SENTINEL"] = f"{LOOPBACK}:{sentinel.port}"
     if stock:
         env["PINGPONG_UPSTREAM_STOCK"] = "1"
     command = [
