@@ -7,9 +7,11 @@ turn or more each, so a burst of connections on a busy node waits seconds (and t
 project's PINGPONG_LAYER_TIMEOUT turns the wait into 4013 refusals); and a group message
 is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire format and API:
 
-- consumer channels are process-local, `<process channel>!<id>`: one Redis subscription per
-  process carries direct messages for all of them, so `new_channel` makes no Redis call
-  after the first;
+- consumer channels are process-local, `<process channel>!<id>`: one pattern subscription
+  per process (`PSUBSCRIBE <process channel>!*`) carries direct messages for all of them, so
+  `new_channel` makes no Redis call after the first. A message is published to the consumer's
+  full channel name, as the stock layer does, so the two layers can send to each other's
+  consumers (a rolling upgrade, or a worker on the stock backend answering our consumer);
 - `group_add` for a group this process already subscribes to makes no Redis call;
 - a group message is decoded once; each member receives its own shallow copy;
 - publishing (send, group_send) does not wait for the shard's subscribe lock, and the
@@ -18,10 +20,12 @@ is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire for
   queueing one by one on the shard lock (a cold node's burst of connections timed out there);
 - each shard's connections come from a `BoundedConnectionPool` (pingpong/pool.py): at most
   `max_connections`, the subscriber's included, a caller waits up to `pool_timeout` seconds
-  for one, and connections idle for `idle_seconds` are closed.
+  for one, and connections idle for `idle_seconds` are closed; a Sentinel host entry gets a
+  `BoundedSentinelConnectionPool`, bounded the same way.
 
 It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
-`_subscribed_to`, `_lock`, `_redis` and `_ensure_redis`), which pyproject pins below 5.
+`_subscribed_to`, `_lock`, `_redis`, `_pubsub`, `_ensure_redis`, `_ensure_receiver`, and its receive
+loop routing a `pmessage` by channel name), which pyproject pins below 5.
 """
 
 import asyncio
@@ -36,10 +40,8 @@ from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from pingpong.pool import BoundedConnectionPool
+from pingpong.pool import BoundedConnectionPool, BoundedSentinelConnectionPool
 
-#: Key that carries the target channel inside a message sent to a process channel.
-TARGET_KEY = "__pingpong_to__"
 #: Most PUBLISH commands in one pipeline, so one burst cannot build an unbounded request.
 PUBLISH_BATCH = 500
 
@@ -68,28 +70,24 @@ class _LocalQueue(asyncio.Queue):  # type: ignore[type-arg]
         super().put_nowait(item)
 
 
-class _ProcessRouter:
-    """Stands in the layer's channel table for the process channel: routes to local queues."""
-
-    def __init__(self, layer: "PingpongPubSubLoopLayer") -> None:
-        self._layer = layer
-
-    def put_nowait(self, data: bytes) -> None:
-        message = self._layer.channel_layer.deserialize(data)
-        target = message.pop(TARGET_KEY, None)
-        queue = self._layer.channels.get(target)
-        if isinstance(queue, _LocalQueue):
-            queue.put_nowait(message)
+def glob_escape(text: str) -> str:
+    """`text` as a Redis glob pattern that matches only itself."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
 
 
 def pool_create(
     host: dict[str, Any], *, max_connections: int, timeout: float, idle_seconds: float
 ) -> BoundedConnectionPool:
-    """A bounded pool for one channels_redis host entry (`address` URL or connection keywords)."""
+    """A bounded pool for one channels_redis host entry (`address` URL, Sentinels or connection keywords)."""
     options = dict(host)
-    if "master_name" in options:
-        raise ValueError("PingpongPubSubChannelLayer does not support Sentinel hosts")
     options.update(max_connections=max_connections, timeout=timeout, idle_seconds=idle_seconds)
+    if "master_name" in options:  # channels_redis' Sentinel entry: master_name, sentinels, sentinel_kwargs
+        return BoundedSentinelConnectionPool(
+            options.pop("master_name"),
+            sentinels=options.pop("sentinels"),
+            sentinel_kwargs=options.pop("sentinel_kwargs", None),
+            **options,
+        )
     if "address" in options:
         return BoundedConnectionPool.from_url(options.pop("address"), **options)
     return BoundedConnectionPool(**options)
@@ -126,12 +124,27 @@ class PingpongShard(RedisSingleShardConnection):
         self._bounds = bounds
         self._outbox: list[_Outgoing] = []
         self._sender: asyncio.Task[None] | None = None
+        self._patterns: set[str] = set()
 
     def _ensure_redis(self) -> None:
         if self._redis is None:
             client = aioredis.Redis(connection_pool=pool_create(self.host, **self._bounds))
             # The subscriber takes its connection from the same pool and keeps it: it counts in the cap.
             self._redis, self._pubsub = client, client.pubsub()
+
+    async def psubscribe(self, pattern: str) -> None:
+        """Subscribe a pattern, under the shard lock like the base `subscribe`; redis-py renews it on reconnect.
+
+        Matching messages arrive as `pmessage`s whose `channel` is the published name, so the base
+        receive loop routes them to `channels[<that name>]` like any message.
+        """
+        async with self._lock:
+            if pattern not in self._patterns:
+                self._ensure_redis()
+                self._ensure_receiver()
+                assert self._pubsub is not None
+                await self._pubsub.psubscribe(pattern)
+                self._patterns.add(pattern)
 
     async def publish_batched(self, channel: str, data: bytes) -> None:
         """PUBLISH, pipelined with the other publishes waiting at the same time; no shard lock.
@@ -213,6 +226,7 @@ class PingpongShard(RedisSingleShardConnection):
             item.sent.cancel()
         self._outbox = []
         await super().flush()
+        self._patterns = set()
 
 
 class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
@@ -234,6 +248,7 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
             for shard in self._shards
         ]
         self.process_channel = f"{self.prefix}process.{uuid.uuid4().hex}"
+        self.process_pattern = f"{glob_escape(self.process_channel)}!*"
         self._process_subscription: asyncio.Future[None] | None = None
         self._group_subscriptions: dict[str, asyncio.Future[None]] = {}
         self._kept_groups: set[str] = set()
@@ -249,31 +264,34 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         return dict(self._last_message)
 
     async def _process_subscribe(self) -> None:
-        """Subscribe the process channel once; concurrent first callers share that one call.
+        """Subscribe the process pattern once; concurrent first callers share that one call.
 
         Each caller queueing on the shard lock instead would cost a loop turn per handoff:
-        under a burst of connections on a busy node that convoy took seconds.
+        under a burst of connections on a busy node that convoy took seconds. Every shard gets
+        the pattern: a sender picks the shard by the consumer's full channel name.
         """
         subscription = self._process_subscription
         if subscription is None or (subscription.done() and subscription.exception() is not None):
-            self.channels[self.process_channel] = _ProcessRouter(self)
-            shard = self._get_shard(self.process_channel)
-            subscription = self._process_subscription = asyncio.ensure_future(shard.subscribe(self.process_channel))
+            subscription = self._process_subscription = asyncio.ensure_future(self._psubscribe_every_shard())
         await asyncio.shield(subscription)
+
+    async def _psubscribe_every_shard(self) -> None:
+        shards = [shard for shard in self._shards if isinstance(shard, PingpongShard)]
+        await asyncio.gather(*(shard.psubscribe(self.process_pattern) for shard in shards))
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         await self._process_subscribe()
         # A warm node makes no Redis call here, so ask the subscriber's socket instead: a new
         # consumer is refused (4013) while Redis is gone, not admitted to miss every broadcast.
-        if not self._subscriber_connected(self.process_channel):
+        if not all(self._subscriber_connected(shard) for shard in self._shards):
             raise RedisConnectionError("the subscriber's connection to Redis is down")
         channel = f"{self.process_channel}!{prefix}{uuid.uuid4().hex}"
         self.channels[channel] = _LocalQueue(self)
         return channel
 
-    def _subscriber_connected(self, channel: str) -> bool:
+    def _subscriber_connected(self, shard: RedisSingleShardConnection) -> bool:
         """Whether the shard's subscriber socket is open, and Redis has not closed its end."""
-        pubsub = self._get_shard(channel)._pubsub
+        pubsub = shard._pubsub
         connection = pubsub.connection if pubsub is not None else None
         if connection is None or not connection.is_connected:
             return False
@@ -290,12 +308,9 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         await shard.publish_batched(channel, data)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
-        if "!" not in channel:
-            await self._publish(channel, self.channel_layer.serialize(message))
-            return
-        process_channel = channel.split("!", 1)[0]
-        payload = {**message, TARGET_KEY: channel}
-        await self._publish(process_channel, self.channel_layer.serialize(payload))
+        # To the full channel name, as the stock layer publishes: the receiving process's pattern
+        # takes it whichever layer sent it, and a stock consumer's channel is subscribed by name.
+        await self._publish(channel, self.channel_layer.serialize(message))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         group_channel = self._get_group_channel_name(group)

@@ -5,14 +5,16 @@ redis-py's default pool opens a connection for every concurrent command (up to 1
 holding 101 connections, and with a small `maxclients` one node starved the others.
 `BoundedConnectionPool` never holds more than `max_connections` (in use, idle or closing),
 makes a caller wait up to `timeout` seconds for one to come free, and closes a connection
-left idle for `idle_seconds`.
+left idle for `idle_seconds`. `BoundedSentinelConnectionPool` does the same for the master that
+a set of Redis Sentinels names.
 """
 
 import asyncio
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 
@@ -69,3 +71,55 @@ class BoundedConnectionPool(BlockingConnectionPool):
             self._reaper.cancel()
             self._reaper = None
         await super().disconnect(inuse_connections)
+
+
+class BoundedSentinelConnectionPool(SentinelConnectionPool, BoundedConnectionPool):
+    """A BoundedConnectionPool to the master a set of Sentinels names (redis-py's SentinelConnectionPool).
+
+    The cap, the wait and the idle release count connections to the master, as for a plain
+    host. The pool asks the Sentinels for the master's address on every new connection (and
+    reconnects to a new master after a failover, as redis-py's pool does), over one connection
+    per Sentinel, capped and idle-released the same way; `disconnect` closes those too.
+    """
+
+    def __init__(
+        self,
+        service_name: str,
+        *,
+        sentinels: list[tuple[str, int]],
+        sentinel_kwargs: dict[str, Any] | None,
+        max_connections: int,
+        timeout: float,
+        idle_seconds: float,
+        **connection_kwargs: Any,
+    ) -> None:
+        if sentinel_kwargs is None:  # as redis-py's Sentinel: the socket options of the master's connections
+            sentinel_kwargs = {k: v for k, v in connection_kwargs.items() if k.startswith("socket_")}
+        manager = Sentinel([], sentinel_kwargs=sentinel_kwargs)
+        # redis-py's Sentinel opens a connection per concurrent query and keeps them: one each, bounded.
+        manager.sentinels = [
+            Redis(
+                connection_pool=BoundedConnectionPool(
+                    host=host,
+                    port=port,
+                    max_connections=1,
+                    timeout=timeout,
+                    idle_seconds=idle_seconds,
+                    **sentinel_kwargs,
+                )
+            )
+            for host, port in sentinels
+        ]
+        super().__init__(
+            service_name,
+            manager,
+            max_connections=max_connections,
+            timeout=timeout,
+            idle_seconds=idle_seconds,
+            **connection_kwargs,
+        )
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # a full close (not redis-py's "new master: drop idle ones"): the Sentinels' too
+            await asyncio.gather(*(client.connection_pool.disconnect() for client in self.sentinel_manager.sentinels))

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from pingpong.node import node as this_node
-from tests.processes import DaphneNode, RedisServer, redis_binary
+from tests.processes import DaphneNode, RedisServer, SentinelServer, redis_binary
 
 # Unit tests run on the embedded layer whatever the developer's shell says.
 os.environ.pop("REDIS_URL", None)
@@ -80,3 +80,12 @@ def node_registry_reset() -> None:
     this_node.per_address.clear()
     this_node._address_of.clear()
     this_node.draining = False
+
+
+@pytest.fixture
+def redis_sentinel(redis_server: RedisServer) -> Iterator[SentinelServer]:
+    """A Sentinel watching `redis_server` as master "sentinel", password "channels_redis" (channels-redis' test setup)."""
+    sentinel = SentinelServer(redis_binary(), master=redis_server, master_name="sentinel", password="channels_redis")
+    sentinel.start()
+    yield sentinel
+    sentinel.kill()

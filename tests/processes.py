@@ -1,4 +1,4 @@
-"""Real processes for tests and the benchmark: daphne nodes, uvicorn and redis-server on loopback.
+"""Real processes for tests and the benchmark: daphne nodes, uvicorn, redis-server and a Redis Sentinel on loopback.
 
 Every process is owned by whoever starts it (a fixture, a workload) and is killed when it ends.
 Servers that can are bound to port 0 and the port they got is read back from their log, so
@@ -273,6 +273,39 @@ class RedisServer(ServerProcess):
         super().kill()
         if self.port:
             wait_until(lambda: not port_open(self.port), timeout=10, what="redis-server to stop")
+
+
+class SentinelServer:
+    """`redis-server --sentinel` on a free port, watching one master; its config lives in a temporary directory."""
+
+    def __init__(self, binary: str, *, master: RedisServer, master_name: str, password: str | None = None) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.master, self.master_name, self.password = master, master_name, password
+        self.dir = tempfile.TemporaryDirectory(prefix="sentinel-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        config = Path(self.dir.name) / "sentinel.conf"  # Sentinel rewrites its config file: a writable one
+        lines = [
+            f"port {self.port}",
+            f"bind {LOOPBACK}",
+            f"dir {self.dir.name}",
+            f"sentinel monitor {self.master_name} {LOOPBACK} {self.master.port} 1",
+        ]
+        if self.password:
+            lines.append(f"requirepass {self.password}")
+        config.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen(
+            [self.binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_until(lambda: port_open(self.port), timeout=10, what="redis sentinel to listen")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.dir.cleanup()
 
 
 def node_env(env: dict[str, str] | None = None) -> dict[str, str]:

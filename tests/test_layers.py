@@ -1,10 +1,15 @@
 """pingpong.layers.PingpongPubSubChannelLayer against a real redis-server."""
 
 import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from pingpong.layers import PingpongPubSubChannelLayer
+from pingpong.layers import PingpongPubSubChannelLayer, glob_escape
+from tests.processes import ROOT
 
 pytestmark = pytest.mark.redis
 
@@ -22,6 +27,48 @@ async def receive(layer, channel):
     return await asyncio.wait_for(layer.receive(channel), 5)
 
 
+class StockPeer:
+    """channels-redis' stock RedisPubSubChannelLayer in a process of its own (`tests/layer_peer.py`)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(15):
+            line = await self.proc.stdout.readline()
+        assert line, "the peer exited"
+        return json.loads(line)
+
+    async def call(self, **command: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self.read()
+
+
+@pytest.fixture
+async def stock_peer(redis_server) -> AsyncIterator[StockPeer]:
+    """A process on the same Redis and prefix as `layers`, using the stock layer class."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.layer_peer", redis_server.url, "test",
+        cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    peer = StockPeer(proc)
+    try:
+        assert await peer.read() == {"layer": "channels_redis.pubsub.RedisPubSubChannelLayer"}
+        yield peer
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # the peer flushes its layer and exits at the end of its input
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_a_message_to_a_consumer_channel_arrives_through_redis(layers):
     here, there = layers
     channel = await here.new_channel()
@@ -34,8 +81,11 @@ async def test_new_channels_share_one_redis_subscription_per_process(layers):
     first, second = await layer.new_channel(), await layer.new_channel()
     loop_layer = layer._get_layer()
     subscribed = set().union(*(shard._subscribed_to for shard in loop_layer._shards))
-    assert subscribed == {loop_layer.process_channel}
+    patterns = set().union(*(shard._patterns for shard in loop_layer._shards))
+    assert subscribed == set()
+    assert patterns == {loop_layer.process_pattern} == {f"{loop_layer.process_channel}!*"}
     assert first.split("!")[0] == second.split("!")[0] == loop_layer.process_channel
+    assert set(loop_layer._shards[0]._pubsub.patterns) == {loop_layer.process_pattern.encode()}
 
 
 async def test_a_group_message_reaches_every_member_on_every_process_once(layers):
@@ -164,3 +214,56 @@ async def test_a_warmed_up_group_stays_subscribed_when_its_last_member_leaves(la
     assert await receive(layer, second) == {"type": "m"}
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(layer.receive(first), 0.3)
+
+
+async def test_a_stock_layer_process_sends_to_our_consumer_channel(layers, stock_peer):
+    """A worker on channels-redis' own layer reaches a pingpong consumer by its channel name (rolling upgrade)."""
+    here = layers[0]
+    channel = await here.new_channel()
+    assert await stock_peer.call(op="send", channel=channel, message={"type": "hello", "n": 1}) == {"ok": True}
+    assert await receive(here, channel) == {"type": "hello", "n": 1}
+
+
+async def test_our_layer_sends_to_a_stock_layer_consumer_channel(layers, stock_peer):
+    """A pingpong process reaches a consumer on channels-redis' own layer by its channel name."""
+    channel = (await stock_peer.call(op="new_channel"))["channel"]
+    await layers[0].send(channel, {"type": "hello", "n": 2})
+    answer = await stock_peer.call(op="receive", channel=channel, timeout=5)
+    assert answer == {"message": {"type": "hello", "n": 2}}
+
+
+async def test_a_stock_layer_group_send_reaches_our_group_members(layers, stock_peer):
+    """group_add on our layer, group_send from a stock-layer process: every member here gets it."""
+    here = layers[0]
+    members = [await here.new_channel(), await here.new_channel()]
+    for channel in members:
+        await here.group_add("room", channel)
+    await stock_peer.call(op="group_send", group="room", message={"type": "m", "event": "from stock"})
+    for channel in members:
+        assert await receive(here, channel) == {"type": "m", "event": "from stock"}
+
+
+async def test_our_group_send_reaches_a_stock_layer_group_member(layers, stock_peer):
+    """group_add on a stock-layer process, group_send from ours: the stock member gets it."""
+    channel = (await stock_peer.call(op="new_channel"))["channel"]
+    assert await stock_peer.call(op="group_add", group="room", channel=channel) == {"ok": True}
+    await layers[0].group_send("room", {"type": "m", "event": "from pingpong"})
+    answer = await stock_peer.call(op="receive", channel=channel, timeout=5)
+    assert answer == {"message": {"type": "m", "event": "from pingpong"}}
+
+
+def test_the_process_pattern_matches_only_its_own_channel_names():
+    """A prefix with glob characters is escaped, so a process never subscribes to another's channels."""
+    assert glob_escape("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f"
+
+
+async def test_a_prefix_with_glob_characters_still_delivers_direct_messages(redis_server):
+    """The escaped pattern still matches this process's own consumer channels."""
+    here, there = (PingpongPubSubChannelLayer(hosts=[redis_server.url], prefix="t*[?]") for _ in range(2))
+    try:
+        channel = await here.new_channel()
+        await there.send(channel, {"type": "hello"})
+        assert await receive(here, channel) == {"type": "hello"}
+    finally:
+        await here.flush()
+        await there.flush()

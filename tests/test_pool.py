@@ -1,6 +1,7 @@
 """No client can exhaust a node: Redis connections are capped and released, and a cold node admits a burst."""
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from pingpong.layer import ChannelLayerUnavailable, layer_call
+from pingpong.layers import PingpongPubSubChannelLayer
 from pingpong.pool import BoundedConnectionPool
 from tests.processes import LOOPBACK, ROOT, free_port
 from tests.wsclient import broadcasts_within, ping_pong, ws_connect
@@ -128,6 +130,55 @@ async def test_an_exhausted_pool_is_reported_as_such_not_as_redis_unreachable(re
     assert "unreachable" not in str(caught.value)
     await pool.release(held)
     await redis.aclose()
+
+
+async def test_a_layer_on_sentinel_keeps_the_cap_and_closes_idle_connections(redis_server, redis_sentinel):
+    """Through a Sentinel, 300 concurrent group_sends hold at most the cap on the master and one connection
+    on the Sentinel, and the idle ones close."""
+    host = {
+        "sentinels": [(LOOPBACK, redis_sentinel.port)],
+        "master_name": redis_sentinel.master_name,
+        "sentinel_kwargs": {"password": redis_sentinel.password},
+        "client_name": "sentinel-test",
+    }
+    layer = PingpongPubSubChannelLayer(hosts=[host], prefix="test", max_connections=3, idle_seconds=1)
+    master = Redis(host=LOOPBACK, port=redis_server.port)
+    sentinel = Redis(host=LOOPBACK, port=redis_sentinel.port, password=redis_sentinel.password)
+
+    async def held() -> tuple[int, int]:
+        on_master = sum(c.get("name") == "sentinel-test" for c in await master.client_list())
+        on_sentinel = len(await sentinel.client_list()) - 1  # less this probe
+        return on_master, on_sentinel
+
+    try:
+        channel = await layer.new_channel()
+        await layer.group_add("room", channel)
+        peak = [0, 0]
+
+        async def watch() -> None:
+            while True:
+                peak[:] = map(max, peak, await held())
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.gather(*(layer.group_send("room", {"type": "m", "n": n}) for n in range(300)))
+            received = {(await asyncio.wait_for(layer.receive(channel), 5))["n"] for _ in range(300)}
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        assert received == set(range(300))
+        assert peak[0] <= 3 and peak[1] <= 1, peak
+        for _ in range(50):  # the subscriber's is never idle
+            if await held() == (1, 0):
+                break
+            await asyncio.sleep(0.2)
+        assert await held() == (1, 0)
+    finally:
+        await layer.flush()
+        await master.aclose()
+        await sentinel.aclose()
 
 
 async def test_a_refused_connection_is_reported_as_redis_unreachable():
