@@ -21,12 +21,18 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def daphne_nodes() -> Iterator[Callable[..., DaphneNode]]:
-    """Start daphne nodes with `start(env={...})`; every one is killed after the test."""
+def server() -> str:
+    """The server `daphne_nodes` runs; a test runs on both with `@pytest.mark.parametrize("server", SERVERS)`."""
+    return "daphne"
+
+
+@pytest.fixture
+def daphne_nodes(server: str) -> Iterator[Callable[..., DaphneNode]]:
+    """Start nodes with `start(env={...})` on `server`; every one is killed after the test."""
     started: list[DaphneNode] = []
 
     def start(env: dict[str, str] | None = None) -> DaphneNode:
-        node = DaphneNode(env=env)
+        node = DaphneNode(env=env, server=server)
         started.append(node)
         return node.start()
 

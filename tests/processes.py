@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 ORIGIN = "http://127.0.0.1"
 TEST_SECRET = "test-secret-key-for-pingpong-tests-only-0123456789-abcdefghijklmnop"
+# `manage.py serve --server`: the servers a node can run on (daphne is the default).
+SERVERS = ("daphne", "uvicorn")
 
 
 def free_port() -> int:
@@ -94,9 +96,10 @@ class RedisServer:
 class DaphneNode:
     """`manage.py serve` in its own process, with its own environment and log file."""
 
-    def __init__(self, *, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(self, *, env: dict[str, str] | None = None, port: int | None = None, server: str = "daphne") -> None:
         # A given port lets a test restart a node where its clients expect it.
         self.port = free_port() if port is None else port
+        self.server = server
         inherited = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
         self.env = {
             **inherited,
@@ -118,8 +121,9 @@ class DaphneNode:
         return f"ws://{LOOPBACK}:{self.port}/ws/"
 
     def start(self) -> "DaphneNode":
+        serve = ["serve", "--host", LOOPBACK, "--port", str(self.port), "--server", self.server]
         self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(self.port)],
+            [sys.executable, "manage.py", *serve],
             cwd=ROOT,
             env=self.env,
             stdout=self.log,

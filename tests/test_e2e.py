@@ -1,4 +1,4 @@
-"""End to end over TCP: real daphne processes (embedded layer) and a real websocket client."""
+"""End to end over TCP: real server processes (embedded layer), daphne and uvicorn, and a real websocket client."""
 
 import asyncio
 import base64
@@ -10,8 +10,11 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from pingpong import protocol
-from tests.processes import LOOPBACK, http_request, wait_until
+from tests.processes import LOOPBACK, SERVERS, http_request, wait_until
 from tests.wsclient import close_code, next_event, ping_pong, ws_connect
+
+# Every test here runs against `manage.py serve --server daphne` and `--server uvicorn`.
+pytestmark = pytest.mark.parametrize("server", SERVERS)
 
 
 @pytest.fixture
