@@ -1,8 +1,10 @@
-"""Dead peers: a client that stops answering protocol pings is dropped; a live one is kept.
+"""Dead peers: a client that stops answering protocol pings is dropped; a live one is kept (daphne and uvicorn).
 
 Daphne sends a ping once PINGPONG_PING_INTERVAL has passed since the last one, checking
 every 2 s, and autobahn drops the connection when no pong arrives within
 PINGPONG_PING_TIMEOUT. So a dead peer is gone within interval + timeout + that 2 s tick.
+uvicorn pings every interval on a timer of its own and drops the peer (close 1011, then TCP)
+once a ping goes unanswered for the timeout.
 """
 
 import time
@@ -11,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from websockets.sync.client import connect
 
-from tests.processes import ORIGIN, DaphneNode
+from tests.processes import ORIGIN, SERVERS, DaphneNode
 from tests.rawws import OP_PING, RawClient
 
 PING_INTERVAL = 1.0
@@ -21,9 +23,10 @@ SLACK = 3.0
 DEADLINE = PING_INTERVAL + PING_TIMEOUT + SLACK
 
 
-@pytest.fixture(scope="module")
-def node() -> Iterator[DaphneNode]:
-    daphne = DaphneNode(env={"PINGPONG_PING_INTERVAL": str(PING_INTERVAL), "PINGPONG_PING_TIMEOUT": str(PING_TIMEOUT)})
+@pytest.fixture(scope="module", params=SERVERS)
+def node(request) -> Iterator[DaphneNode]:
+    env = {"PINGPONG_PING_INTERVAL": str(PING_INTERVAL), "PINGPONG_PING_TIMEOUT": str(PING_TIMEOUT)}
+    daphne = DaphneNode(env=env, server=request.param)
     try:
         yield daphne.start()
     finally:
