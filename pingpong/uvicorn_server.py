@@ -10,6 +10,7 @@ and what this module does about it:
   the consumer (and the broadcasts queued for it). `PingpongWebSocketProtocol` never waits: past
   PINGPONG_MAX_PENDING_BYTES it closes with 4100, as daphne does.
 - A send after the client left raises ClientDisconnected into the consumer; here it is dropped.
+- Invalid UTF-8 is answered with 1007 by both; uvicorn also logs it as an ERROR with a traceback.
 - A close the client never answers: uvicorn's `transport.close()` waits for a non-reader's buffer
   forever; here TCP is aborted after CLOSE_HANDSHAKE_SECONDS.
 - HTTP idle timeout: uvicorn times only the idle gap after a response, so a client that stalls
@@ -34,6 +35,7 @@ from django.conf import settings
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.frames import CloseCode
 
 from pingpong import protocol
 from pingpong.layer import layer_warm_up
@@ -116,6 +118,28 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
             self.read_paused = False
             self.transport.resume_reading()
         self.abort_later(SLOW_CONSUMER_CLOSE_SECONDS)
+
+    def send_receive_event_to_app(self) -> None:
+        # uvicorn's, without the ERROR and traceback it logs for invalid UTF-8: a client's bad input
+        # is answered with 1007, as daphne does, not reported as a server error.
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return  # past our close: read on only for the client's answer
+        message: Any
+        if self.curr_msg_data_type == "text":
+            try:
+                message = {"type": "websocket.receive", "text": data.decode()}
+            except UnicodeDecodeError:
+                self.conn.send_close(CloseCode.INVALID_DATA, "invalid UTF-8")
+                self.handle_parser_exception()
+                return
+        else:
+            message = {"type": "websocket.receive", "bytes": data}
+        self.queue.put_nowait(message)
+        if not self.read_paused:  # one message at a time: read on when the consumer takes it
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def keepalive_timeout(self) -> None:
         # uvicorn sends 1011 and closes; a dead peer never takes the frame, so abort unless it does.
