@@ -18,22 +18,18 @@ from daphne.endpoints import build_endpoint_description_strings
 from django.conf import settings
 from twisted.internet import defer, reactor
 
-from pingpong import metrics, protocol
+from pingpong import protocol
 from pingpong.layer import layer_warm_up
 from pingpong.node import node
 from pingpong.presence import presence_start, presence_stop
+from pingpong.serving import (
+    LISTEN_BACKLOG,
+    SLOW_CONSUMER_CLOSE_SECONDS,  # autobahn's own close timeout is 1 s
+    frame_limit,
+    slow_consumer_report,
+)
 
 logger = logging.getLogger(__name__)
-
-# Autobahn closes a frame over its own limit with 1009 before the application sees it;
-# this headroom lets the application's PINGPONG_MAX_MESSAGE_BYTES answer (4009) first.
-TRANSPORT_HEADROOM_BYTES = 4096
-# How long a slow consumer has to read up to its close frame before TCP is aborted (autobahn's
-# default close timeout is 1 s); nothing more is written for it meanwhile, so memory stays bounded.
-SLOW_CONSUMER_CLOSE_SECONDS = 5.0
-# Twisted listens with a backlog of 50: in a burst of connections the kernel then drops SYNs and
-# clients wait a 1 s retransmit or more. The kernel caps this at net.core.somaxconn.
-LISTEN_BACKLOG = 1024
 
 
 def pending_bytes(transport: Any) -> int:
@@ -82,16 +78,9 @@ class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
         The error event and close frame queue behind what is pending; TCP is aborted when the
         client has not answered the close within SLOW_CONSUMER_CLOSE_SECONDS.
         """
-        metrics.LIMIT_HITS.labels("slow_consumer").inc()
-        logger.warning(
-            "slow consumer: %s had %d bytes waiting (limit %d); closing with %d",
-            self.client_addr[0] if self.client_addr else "-",
-            pending,
-            self.max_pending_bytes,
-            protocol.CLOSE_SLOW_CONSUMER,
-        )
-        detail = f"More than {self.max_pending_bytes} bytes were waiting for this client to read them."
-        self.sendMessage(protocol.error_event(protocol.ERROR_SLOW_CONSUMER, detail).encode())
+        client = self.client_addr[0] if self.client_addr else None
+        event = slow_consumer_report(client=client, pending=pending, limit=self.max_pending_bytes)
+        self.sendMessage(event.encode())
         self.closeHandshakeTimeout = SLOW_CONSUMER_CLOSE_SECONDS
         self.sendClose(code=protocol.CLOSE_SLOW_CONSUMER, reason="slow consumer")
 
@@ -135,7 +124,7 @@ class PingpongServer(Server):
 
 def server_build(*, application: Any, host: str, port: int, verbosity: int = 1) -> PingpongServer:
     """A PingpongServer whose websocket limits and timeouts come from settings."""
-    frame_limit = settings.PINGPONG_MAX_MESSAGE_BYTES + TRANSPORT_HEADROOM_BYTES
+    limit = frame_limit()
     proxy_header = settings.PINGPONG_PROXY_HEADER or None
     return PingpongServer(
         application=application,
@@ -146,8 +135,8 @@ def server_build(*, application: Any, host: str, port: int, verbosity: int = 1) 
         ping_interval=settings.PINGPONG_PING_INTERVAL,
         ping_timeout=settings.PINGPONG_PING_TIMEOUT,
         websocket_timeout=-1,  # connection lifetime is not capped; dead peers are found by pings
-        websocket_max_message_size=frame_limit,
-        websocket_max_frame_size=frame_limit,
+        websocket_max_message_size=limit,
+        websocket_max_frame_size=limit,
         proxy_forwarded_address_header=proxy_header,
         proxy_forwarded_port_header=None,
         proxy_forwarded_proto_header="X-Forwarded-Proto" if proxy_header else None,

@@ -14,13 +14,13 @@ os.environ.pop("REDIS_URL", None)
 StartNode = Callable[..., DaphneNode]
 
 
-def nodes_started() -> Iterator[StartNode]:
-    """`start(env={...})` starts a daphne node on an ephemeral port (or `port=`, to restart one where its
-    clients expect it); every node started is closed when the scope ends."""
+def nodes_started(server: str = "daphne") -> Iterator[StartNode]:
+    """`start(env={...})` starts a node on `server` on an ephemeral port (or `port=`, to restart one where
+    its clients expect it); every node started is closed when the scope ends."""
     started: list[DaphneNode] = []
 
     def start(env: dict[str, str] | None = None, *, port: int = 0) -> DaphneNode:
-        node = DaphneNode(env=env, port=port)
+        node = DaphneNode(env=env, port=port, server=server)
         started.append(node)
         return node.start()
 
@@ -31,16 +31,22 @@ def nodes_started() -> Iterator[StartNode]:
             node.close()
 
 
+@pytest.fixture(scope="module")
+def server() -> str:
+    """The server `daphne_nodes` runs; a test runs on both with `@pytest.mark.parametrize("server", SERVERS)`."""
+    return "daphne"
+
+
 @pytest.fixture
-def daphne_nodes() -> Iterator[StartNode]:
-    """Start daphne nodes with `daphne_nodes(env={...})`; every one is killed after the test."""
-    yield from nodes_started()
+def daphne_nodes(server: str) -> Iterator[StartNode]:
+    """Start nodes with `daphne_nodes(env={...})` on `server`; every one is killed after the test."""
+    yield from nodes_started(server)
 
 
 @pytest.fixture(scope="module")
-def module_daphne_nodes() -> Iterator[StartNode]:
+def module_daphne_nodes(server: str) -> Iterator[StartNode]:
     """As `daphne_nodes`, for a node a whole module shares (its `node` fixture); killed after the module."""
-    yield from nodes_started()
+    yield from nodes_started(server)
 
 
 @pytest.fixture

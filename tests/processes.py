@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 ORIGIN = "http://127.0.0.1"
 TEST_SECRET = "test-secret-key-for-pingpong-tests-only-0123456789-abcdefghijklmnop"
+# `manage.py serve --server`: the servers a node can run on (daphne is the default).
+SERVERS = ("daphne", "uvicorn")
 
 
 def timeout_factor() -> float:
@@ -321,17 +323,22 @@ def node_env(env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
-def serve_command(port: int) -> list[str]:
+def serve_command(port: int, *, server: str = "daphne") -> list[str]:
     """`manage.py serve` on loopback: how `make run`, compose and the tests start the project."""
-    return [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port)]
+    return [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port), "--server", server]
 
 
 class DaphneNode(ServerProcess):
     """`manage.py serve` in its own process, with its own environment and log file."""
 
-    def __init__(self, *, env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(self, *, env: dict[str, str] | None = None, port: int = 0, server: str = "daphne") -> None:
+        self.server = server
         super().__init__(
-            serve_command, name="daphne", env=node_env(env), ready=lambda node: healthy(node.http), port=port
+            lambda port: serve_command(port, server=server),
+            name=server,
+            env=node_env(env),
+            ready=lambda node: healthy(node.http),
+            port=port,
         )
 
     @property

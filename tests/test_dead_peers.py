@@ -1,20 +1,22 @@
-"""Dead peers: a client that stops answering protocol pings is dropped; a live one is kept.
+"""Dead peers: a client that stops answering protocol pings is dropped; a live one is kept (daphne and uvicorn).
 
 Daphne sends a ping once PINGPONG_PING_INTERVAL has passed since the last one, checking
 every 2 s, and autobahn drops the connection when no pong arrives within
 PINGPONG_PING_TIMEOUT. So a dead peer is gone within interval + timeout + that 2 s tick.
+uvicorn pings every interval on a timer of its own and drops the peer (close 1011, then TCP)
+once a ping goes unanswered for the timeout.
 """
 
 import time
 
 import pytest
 
-from tests.processes import DaphneNode, scaled
+from tests.processes import SERVERS, DaphneNode, scaled
 from tests.rawws import OP_PING, RawClient
 from tests.wsclient import ping_pong_sync, ws_connect_sync
 
-# Each test waits out ping intervals and timeouts by design.
-pytestmark = pytest.mark.slow
+# Each test waits out ping intervals and timeouts by design, on both servers.
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("server", SERVERS, scope="module")]
 
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 1.0

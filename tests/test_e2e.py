@@ -1,4 +1,4 @@
-"""End to end over TCP: real daphne processes (embedded layer) and a real websocket client."""
+"""End to end over TCP: real server processes (embedded layer), daphne and uvicorn, and a real websocket client."""
 
 import asyncio
 import signal
@@ -7,9 +7,12 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from pingpong import protocol
-from tests.processes import api_broadcast, http_request, scaled, wait_until
-from tests.rawws import RawClient
+from tests.processes import SERVERS, api_broadcast, http_request, scaled, wait_until
+from tests.rawws import OP_TEXT, RawClient, frame_encode, handshake_request
 from tests.wsclient import close_code, next_event, ping_pong, ws_connect
+
+# Every test here runs against `manage.py serve --server daphne` and `--server uvicorn`.
+pytestmark = pytest.mark.parametrize("server", SERVERS, scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,49 @@ async def test_connection_over_the_node_cap_is_closed_with_4013_and_the_first_ke
             assert (await next_event(second))["error"] == "full"
             assert await close_code(second) == protocol.CLOSE_TRY_AGAIN_LATER
         assert await ping_pong(first) == "pong!"
+
+
+# The app's limit in the test below, plus the headroom the server adds for its own frame limit.
+TRANSPORT_LIMIT = 1000 + 4096
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (frame_encode(opcode=OP_TEXT, payload=b"ping", mask=False), 1002),
+        (frame_encode(opcode=OP_TEXT, payload=b"\xff\xfeping"), 1007),
+        (frame_encode(opcode=OP_TEXT, payload=b"x" * (TRANSPORT_LIMIT + 1)), 1009),
+    ],
+    ids=["unmasked", "invalid UTF-8", "over the transport limit"],
+)
+def test_protocol_error_is_answered_with_a_close_frame_that_names_it(daphne_nodes, frame, code):
+    """RFC 6455 7.1.7: the server SHOULD send a close frame with the code before closing TCP."""
+    node = daphne_nodes({"PINGPONG_MAX_MESSAGE_BYTES": "1000"})
+    with RawClient(node.port).open() as client:
+        client.send(frame)
+        assert client.close_code_read() == code
+    assert "Traceback" not in node.output()
+
+
+@pytest.mark.parametrize("sent", [b"", handshake_request(port=0)[:-2]], ids=["nothing", "half a handshake"])
+def test_a_connection_that_stalls_before_its_request_ends_is_dropped_after_the_http_idle_timeout(daphne_nodes, sent):
+    """PINGPONG_HTTP_IDLE_TIMEOUT covers the client's turn, not only the idle gap after a response."""
+    node = daphne_nodes({"PINGPONG_HTTP_IDLE_TIMEOUT": "1"})
+    with RawClient(node.port) as client:
+        client.send(sent)
+        assert client.server_closed(timeout=5)
+
+
+def test_clients_that_vanish_right_after_a_ping_are_counted_out_once_without_a_traceback(daphne_nodes):
+    """The pong goes to a socket that is closing: dropped quietly, and `disconnect` runs once per client."""
+    node = daphne_nodes()
+    for _ in range(20):
+        client = RawClient(node.port).open()
+        client.send(frame_encode(opcode=OP_TEXT, payload=b"ping"))
+        client.reset()
+    wait_until(lambda: node.metric("pingpong_connections_open") == 0, timeout=10, what="every client counted out")
+    wait_until(lambda: node.output().count("pingpong.connections close") == 20, timeout=5, what="20 close lines")
+    assert "Traceback" not in node.output()
 
 
 def silent_websocket(port: int) -> RawClient:

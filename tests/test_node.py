@@ -11,7 +11,7 @@ from websockets.exceptions import ConnectionClosed
 from pingpong import protocol
 from pingpong.node import Admission, Node, address_key
 from tests.communicators import communicator, connected
-from tests.processes import DaphneNode
+from tests.processes import SERVERS, DaphneNode
 from tests.wsclient import close_code, next_event, ping_pong, ws_connect
 
 
@@ -161,6 +161,7 @@ async def refused_with(ws: ClientConnection) -> tuple[str, int | None]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("server", SERVERS)
 async def test_one_address_at_its_cap_is_refused_while_another_address_connects(daphne_nodes):
     """127.0.0.1 holds its cap and is refused with 4013; 127.0.0.2 still gets in; a close frees a slot."""
     node = daphne_nodes(env={"PINGPONG_MAX_CONNECTIONS_PER_IP": str(CAP)})
@@ -185,6 +186,7 @@ async def test_one_address_at_its_cap_is_refused_while_another_address_connects(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("server", SERVERS)
 async def test_behind_the_proxy_header_two_client_addresses_are_counted_apart(daphne_nodes):
     """With PINGPONG_PROXY_HEADER=X-Real-IP the header's address is what counts, not the proxy's."""
     node = daphne_nodes(env={"PINGPONG_MAX_CONNECTIONS_PER_IP": str(CAP), "PINGPONG_PROXY_HEADER": "X-Real-IP"})

@@ -1,6 +1,6 @@
 """Clients that do not read cannot grow a node's memory: PINGPONG_MAX_PENDING_BYTES, over TCP.
 
-Real daphne processes and raw sockets with a small receive buffer that never read. The
+Real server processes (the fast tests on daphne and uvicorn, the slow ones on daphne) and raw sockets with a small receive buffer that never read. The
 figures the README quotes come from the slow tests here.
 """
 
@@ -14,11 +14,13 @@ import pytest
 
 from pingpong import protocol
 from tests import rawws
-from tests.processes import DaphneNode, PeakRss, http_request, wait_until
+from tests.processes import SERVERS, DaphneNode, PeakRss, http_request, wait_until
 from tests.wsclient import ping_pong, ws_connect
 
 MIB = 1024 * 1024
 TOKEN = "slow-clients-token"
+
+on_both_servers = pytest.mark.parametrize("server", SERVERS)
 
 
 def json_ping(size: int) -> bytes:
@@ -45,6 +47,7 @@ def keep_sending(client: rawws.RawClient, frame: bytes, *, per_second: float, se
 
 
 @pytest.mark.slow
+@on_both_servers
 def test_a_client_that_never_reads_is_closed_with_4100_and_counted(daphne_nodes):
     """Pongs that pile up unread past the cap close the connection; the hit is logged once and counted."""
     node = daphne_nodes({"PINGPONG_MAX_PENDING_BYTES": "65536", "PINGPONG_RATE_PER_SECOND": "0"})
@@ -57,6 +60,7 @@ def test_a_client_that_never_reads_is_closed_with_4100_and_counted(daphne_nodes)
 
 
 @pytest.mark.slow
+@on_both_servers
 def test_a_slow_client_that_reads_late_finds_the_error_event_and_close_4100(daphne_nodes):
     """The error event and close frame queue behind what was pending, for a client that reads again in time."""
     node = daphne_nodes({"PINGPONG_MAX_PENDING_BYTES": "65536", "PINGPONG_RATE_PER_SECOND": "0"})
@@ -73,6 +77,7 @@ def test_a_slow_client_that_reads_late_finds_the_error_event_and_close_4100(daph
 
 
 @pytest.mark.slow
+@on_both_servers
 def test_a_client_that_reads_keeps_its_connection_under_the_cap(daphne_nodes):
     """Answers that a client reads never count against it, however many it asks for."""
     node = daphne_nodes({"PINGPONG_MAX_PENDING_BYTES": "65536", "PINGPONG_RATE_PER_SECOND": "0"})

@@ -1,4 +1,4 @@
-"""`manage.py serve`: run daphne with the project's limits, timeouts and graceful drain."""
+"""`manage.py serve`: run daphne (or uvicorn) with the project's limits, timeouts and graceful drain."""
 
 import logging
 from typing import Any
@@ -7,26 +7,38 @@ from django.core.management.base import BaseCommand, CommandParser
 
 logger = logging.getLogger("pingpong.server")
 
+SERVERS = ("daphne", "uvicorn")
+
 
 class Command(BaseCommand):
-    help = "Serve HTTP and websockets with daphne (the way `make run` and compose do)."
+    help = "Serve HTTP and websockets with daphne (the way `make run` and compose do) or uvicorn."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
         parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+        parser.add_argument(
+            "--server",
+            choices=SERVERS,
+            default="daphne",
+            help="daphne (default) or uvicorn with uvloop, httptools and websockets' sans-I/O protocol",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         from channels.routing import get_default_application
         from django.conf import settings
 
-        from pingpong.server import server_build  # installs the asyncio reactor first
+        host, port, server_name = options["host"], options["port"], options["server"]
+        if server_name == "uvicorn":
+            # Not pingpong.server: importing daphne's server installs Twisted's reactor.
+            from pingpong import uvicorn_server
 
-        server = server_build(
-            application=get_default_application(),
-            host=options["host"],
-            port=options["port"],
-            verbosity=options["verbosity"],
-        )
+            server: Any = uvicorn_server.server_build(application=get_default_application(), host=host, port=port)
+        else:
+            from pingpong.server import server_build  # installs the asyncio reactor first
+
+            server = server_build(
+                application=get_default_application(), host=host, port=port, verbosity=options["verbosity"]
+            )
         layer = "redis pub/sub" if settings.REDIS_URL else settings.CHANNEL_LAYERS["default"]["BACKEND"]
-        logger.info("serving on http://%s:%s (channel layer: %s)", options["host"], options["port"], layer)
+        logger.info("serving on http://%s:%s with %s (channel layer: %s)", host, port, server_name, layer)
         server.run()
