@@ -19,8 +19,8 @@ from typing import Any
 from channels.layers import InMemoryChannelLayer
 from django.conf import settings
 
-from pingpong import metrics, protocol
-from pingpong.layer import ChannelLayerUnavailable, layer_call, layer_get
+from pingpong import layer_calls, metrics, protocol
+from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.layers import PUBLISH_PROGRESS, PingpongPubSubChannelLayer, PublishProgress
 from pingpong.local_layer import LocalChannelLayer
 
@@ -47,7 +47,7 @@ class BroadcastRequest:
     id: str
 
 
-def broadcast_request_from(payload: Any) -> BroadcastRequest:
+def request_from(payload: Any) -> BroadcastRequest:
     """The request in a body `{"text": "...", "id": "..."}` (id optional), or BroadcastInvalid."""
     if not isinstance(payload, dict):
         raise BroadcastInvalid('The body must be a JSON object: {"text": "..."}.')
@@ -72,29 +72,29 @@ def broadcast_request_from(payload: Any) -> BroadcastRequest:
     return BroadcastRequest(text=text, id=broadcast_id)
 
 
-def broadcast_event(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:
+def make_event(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:
     """The event every client receives: {"type": "broadcast", "text", "id", "sent_at"}; a new id by default."""
     return {"type": "broadcast", "text": text, "id": broadcast_id or uuid.uuid4().hex, "sent_at": time.time()}
 
 
-async def broadcast_send(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:
+async def send(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:
     """Send `text` to every client on every node, as one new attempt of `broadcast_id`.
 
     Raises ChannelLayerUnavailable when nothing was sent, and its subclass
     BroadcastOutcomeUnknown when the PUBLISH was written but not confirmed.
     """
-    event = broadcast_event(text=text, broadcast_id=broadcast_id)
+    event = make_event(text=text, broadcast_id=broadcast_id)
     message = {
         "type": protocol.BROADCAST_MESSAGE,
         "event": protocol.encode_event(event),
         "id": event["id"],
         "attempt": uuid.uuid4().hex,
     }
-    layer = layer_get()
+    layer = layer_calls.get_layer()
     progress = PublishProgress()
     reset = PUBLISH_PROGRESS.set(progress)
     try:
-        await layer_call(layer.group_send(protocol.BROADCAST_GROUP, message), operation="group_send")
+        await layer_calls.call(layer.group_send(protocol.BROADCAST_GROUP, message), operation="group_send")
     except ChannelLayerUnavailable as error:
         if progress.written or not isinstance(layer, _LAYERS_THAT_KNOW_NOTHING_WAS_SENT):
             raise BroadcastOutcomeUnknown(str(error)) from error
@@ -147,7 +147,7 @@ class SeenBroadcasts:
 seen_broadcasts = SeenBroadcasts(window=protocol.BROADCAST_DEDUP_SECONDS, limit=protocol.BROADCAST_DEDUP_MAX_IDS)
 
 
-def broadcast_deliverable(message: dict[str, Any]) -> bool:
+def deliverable(message: dict[str, Any]) -> bool:
     """Whether a consumer should deliver this broadcast message (not a retry of one already seen).
 
     A message without an id or attempt (from an older sender) is always delivered.

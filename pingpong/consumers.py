@@ -8,10 +8,9 @@ from typing import Any
 
 from channels.exceptions import AcceptConnection, DenyConnection
 
-from pingpong import metrics, protocol
-from pingpong.broadcast import broadcast_deliverable
+from pingpong import broadcast, layer_calls, metrics, protocol
 from pingpong.conf import setting
-from pingpong.layer import ChannelLayerUnavailable, layer_call
+from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.limits import TokenBucket, text_too_big
 from pingpong.logs import log_event
 from pingpong.node import Admission, node
@@ -43,7 +42,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
         """A channel name within the layer deadline; an unreachable layer is refused at connect."""
         assert self.channel_layer is not None
         try:
-            self.channel_name = await layer_call(self.channel_layer.new_channel(), operation="new_channel")
+            self.channel_name = await layer_calls.call(self.channel_layer.new_channel(), operation="new_channel")
         except ChannelLayerUnavailable as error:
             logger.warning("channel layer unavailable at connect: %s", error)
             self.layer_failed = True
@@ -79,7 +78,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
         try:
             for group in self.groups:
                 assert self.channel_layer is not None, "groups need a channel layer"
-                await layer_call(self.channel_layer.group_add(group, self.channel_name), operation="group_add")
+                await layer_calls.call(self.channel_layer.group_add(group, self.channel_name), operation="group_add")
                 self.joined.append(group)
         except ChannelLayerUnavailable as error:
             logger.warning("channel layer unavailable at group_add: %s", error)
@@ -152,7 +151,9 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
             return
         assert self.channel_layer is not None
         try:
-            await layer_call(self.channel_layer.group_discard(group, self.channel_name), operation="group_discard")
+            await layer_calls.call(
+                self.channel_layer.group_discard(group, self.channel_name), operation="group_discard"
+            )
         except ChannelLayerUnavailable as error:
             logger.warning("group_discard failed: %s", error)
 
@@ -221,7 +222,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
 
     async def broadcast_message(self, message: Message) -> None:
         """A broadcast from the group: its event was serialised once by the sender; a retry's copy is dropped."""
-        if broadcast_deliverable(message):
+        if broadcast.deliverable(message):
             metrics.SENT_BROADCAST.inc()
             await self.send(text_data=message["event"])
 

@@ -19,7 +19,7 @@ CONNECTIONS_CLOSED = Counter(
 )
 LIMIT_HITS = Counter("pingpong_limit_hits_total", "Connections closed or refused by a limit.", ["limit"])
 BROADCASTS_SENT = Counter("pingpong_broadcasts_sent_total", "Broadcasts this node published to the channel layer.")
-LAYER_ERRORS = Counter(
+LAYER_FAILURES = Counter(
     "pingpong_channel_layer_errors_total", "Channel-layer calls that failed or timed out.", ["operation"]
 )
 LAYER_DROPPED = Counter(

@@ -24,7 +24,7 @@ from typing import Final, TypedDict
 from django.conf import settings
 from redis.asyncio import Redis
 
-from pingpong.layer import LAYER_ERRORS
+from pingpong import layer_calls
 from pingpong.node import node
 from pingpong.pool import BoundedConnectionPool
 
@@ -35,7 +35,7 @@ REDIS_TIMEOUT_SECONDS: Final = 1.0
 SCAN_COUNT: Final = 500
 MAX_NODES: Final = 10_000
 
-PRESENCE_ERRORS = LAYER_ERRORS  # the same Redis failures the channel layer meets
+PRESENCE_ERRORS = layer_calls.REDIS_FAILURES  # the same Redis failures the channel layer meets
 
 
 class Stats(TypedDict):
@@ -53,43 +53,43 @@ class PresenceStale(PresenceUnavailable):
     """This node cannot write its count, so other nodes' counts may have expired: the total may be wrong."""
 
 
-def presence_ttl() -> int:
+def key_ttl() -> int:
     """Seconds a published count lives: PINGPONG_PRESENCE_TTL."""
     return int(settings.PINGPONG_PRESENCE_TTL)
 
 
-def presence_refresh_seconds(ttl: int) -> float:
+def refresh_interval(ttl: int) -> float:
     """How often to rewrite the count: two writes may fail (a Redis hiccup) before the key expires."""
     return (ttl - 2) / 2
 
 
-def presence_node_id() -> str:
+def node_name() -> str:
     """This process's name in the cluster: PINGPONG_NODE_ID, else `<hostname>-<pid>`."""
     return settings.PINGPONG_NODE_ID or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def presence_prefix() -> str:
+def key_prefix() -> str:
     """The Redis key prefix, shared with the channel layer so deployments stay apart."""
     return str(settings.PINGPONG_REDIS_PREFIX)
 
 
-def presence_key(*, prefix: str, node_id: str) -> str:
+def node_key(*, prefix: str, node_id: str) -> str:
     return f"{prefix}:presence:{node_id}"
 
 
-def presence_summary(nodes: dict[str, int]) -> Stats:
+def summarise(nodes: dict[str, int]) -> Stats:
     """Total the per-node counts."""
     return {"connections": sum(nodes.values()), "nodes": dict(sorted(nodes.items()))}
 
 
-async def presence_publish(client: Redis, *, prefix: str, node_id: str, count: int, ttl: int) -> None:
+async def publish(client: Redis, *, prefix: str, node_id: str, count: int, ttl: int) -> None:
     """Write this node's count with a TTL; the node vanishes unless this runs again in time."""
-    await client.set(presence_key(prefix=prefix, node_id=node_id), count, ex=ttl)
+    await client.set(node_key(prefix=prefix, node_id=node_id), count, ex=ttl)
 
 
-async def presence_read(client: Redis, *, prefix: str) -> dict[str, int]:
+async def read(client: Redis, *, prefix: str) -> dict[str, int]:
     """The count of every node whose key has not expired."""
-    pattern = presence_key(prefix=prefix, node_id="*")
+    pattern = node_key(prefix=prefix, node_id="*")
     keys: list[bytes | str] = []
     async for key in client.scan_iter(match=pattern, count=SCAN_COUNT):
         keys.append(key)
@@ -98,7 +98,7 @@ async def presence_read(client: Redis, *, prefix: str) -> dict[str, int]:
     if not keys:
         return {}
     values = await client.mget(keys)
-    start = len(presence_key(prefix=prefix, node_id=""))
+    start = len(node_key(prefix=prefix, node_id=""))
     nodes: dict[str, int] = {}
     for key, value in zip(keys, values, strict=True):
         if value is None:  # expired between SCAN and MGET
@@ -118,7 +118,7 @@ _refreshers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[
 _write_errors: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, str]" = weakref.WeakKeyDictionary()
 
 
-def presence_client() -> Redis:
+def redis_client() -> Redis:
     """This loop's Redis client for presence: one connection (of PINGPONG_REDIS_MAX_CONNECTIONS), short timeouts."""
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
@@ -137,15 +137,13 @@ def presence_client() -> Redis:
     return client
 
 
-async def presence_write() -> bool:
+async def write() -> bool:
     """Write this node's count now; remember whether it failed (see PresenceStale). True on success."""
     loop = asyncio.get_running_loop()
-    prefix, node_id, ttl = presence_prefix(), presence_node_id(), presence_ttl()
+    prefix, node_id, ttl = key_prefix(), node_name(), key_ttl()
     try:
         async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS):
-            await presence_publish(
-                presence_client(), prefix=prefix, node_id=node_id, count=len(node.connections), ttl=ttl
-            )
+            await publish(redis_client(), prefix=prefix, node_id=node_id, count=len(node.connections), ttl=ttl)
     except PRESENCE_ERRORS as error:
         if loop not in _write_errors:  # one line per outage, not one every few seconds
             logger.warning("presence: cannot publish to Redis: %s", error or type(error).__name__)
@@ -156,42 +154,42 @@ async def presence_write() -> bool:
     return True
 
 
-async def presence_stats() -> Stats:
+async def stats() -> Stats:
     """Connections per live node and in total; this node's own count is always the live one.
 
     Raises PresenceUnavailable when Redis does not answer within a few seconds, and
     PresenceStale when this node cannot write its own count (one more try is made first).
     """
-    node_id = presence_node_id()
+    node_id = node_name()
     here = len(node.connections)
     if not settings.REDIS_URL:
-        return presence_summary({node_id: here})
+        return summarise({node_id: here})
     error = _write_errors.get(asyncio.get_running_loop())
-    if error is not None and not await presence_write():
+    if error is not None and not await write():
         raise PresenceStale(
             f"This node cannot write its count to Redis ({error}), so other nodes' counts may have "
             "expired and the cluster total may be wrong."
         )
     try:
         async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS):
-            nodes = await presence_read(presence_client(), prefix=presence_prefix())
+            nodes = await read(redis_client(), prefix=key_prefix())
     except PRESENCE_ERRORS as error:
         raise PresenceUnavailable(
             f"Redis is unreachable, so the cluster count is unknown: {str(error) or type(error).__name__}"
         ) from error
     nodes[node_id] = here
-    return presence_summary(nodes)
+    return summarise(nodes)
 
 
-async def presence_refresh_forever() -> None:
+async def refresh_forever() -> None:
     """Publish this node's count every refresh interval until cancelled; survives Redis outages."""
-    interval = presence_refresh_seconds(presence_ttl())
+    interval = refresh_interval(key_ttl())
     while True:
-        await presence_write()
+        await write()
         await asyncio.sleep(interval)
 
 
-def presence_start() -> None:
+def start() -> None:
     """Start this process's refresher on the running loop, once; a no-op without Redis.
 
     Safe to call from every request or connection: it only starts a task the first time.
@@ -201,10 +199,10 @@ def presence_start() -> None:
     loop = asyncio.get_running_loop()
     task = _refreshers.get(loop)
     if task is None or task.done():
-        _refreshers[loop] = loop.create_task(presence_refresh_forever(), name="pingpong-presence")
+        _refreshers[loop] = loop.create_task(refresh_forever(), name="pingpong-presence")
 
 
-async def presence_stop() -> None:
+async def stop() -> None:
     """Stop refreshing and remove this node's key, so a clean shutdown drops out at once."""
     loop = asyncio.get_running_loop()
     task = _refreshers.pop(loop, None)
@@ -217,7 +215,7 @@ async def presence_stop() -> None:
     try:
         if task is not None:
             async with asyncio.timeout(2 * REDIS_TIMEOUT_SECONDS):
-                await client.delete(presence_key(prefix=presence_prefix(), node_id=presence_node_id()))
+                await client.delete(node_key(prefix=key_prefix(), node_id=node_name()))
     except PRESENCE_ERRORS as error:
         logger.warning("presence: could not remove this node's key: %s", error or type(error).__name__)
     finally:

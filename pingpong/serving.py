@@ -1,6 +1,6 @@
 """What both servers share: the transport's frame limit, the listen backlog and the slow-consumer close.
 
-`pingpong.server` runs daphne and `pingpong.uvicorn_server` runs uvicorn; neither imports the
+`pingpong.daphne_server` runs daphne and `pingpong.uvicorn_server` runs uvicorn; neither imports the
 other (importing daphne's server installs Twisted's asyncio reactor).
 """
 

@@ -37,10 +37,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import InvalidState
 from websockets.frames import CloseCode
 
-from pingpong import protocol
-from pingpong.layer import layer_warm_up
+from pingpong import layer_calls, presence, protocol
 from pingpong.node import node
-from pingpong.presence import presence_start, presence_stop
 from pingpong.serving import LISTEN_BACKLOG, SLOW_CONSUMER_CLOSE_SECONDS, frame_limit, slow_consumer_report
 
 logger = logging.getLogger("pingpong.server")
@@ -219,9 +217,9 @@ class PingpongServer(uvicorn.Server):
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 logger.info("listening on http://%s:%s", host, port)
-        presence_start()  # publish this node's count from boot
+        presence.start()  # publish this node's count from boot
         # Subscribe the broadcast group at boot, so a burst of first connections needs no Redis call.
-        self.warm_up = asyncio.ensure_future(layer_warm_up(groups=[protocol.BROADCAST_GROUP]))
+        self.warm_up = asyncio.ensure_future(layer_calls.warm_up(groups=[protocol.BROADCAST_GROUP]))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # /readyz answers 503 and new websockets 4013 from this moment; the drain runs on the loop
@@ -258,7 +256,7 @@ class PingpongServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         for connection in websockets:
             connection.transport.abort()
-        await presence_stop()
+        await presence.stop()
         if self.warm_up is not None:
             self.warm_up.cancel()
 
@@ -267,7 +265,7 @@ class PingpongServer(uvicorn.Server):
         return [c for c in self.server_state.connections if isinstance(c, PingpongWebSocketProtocol)]
 
 
-def server_build(*, application: Any, host: str, port: int) -> PingpongServer:
+def build(*, application: Any, host: str, port: int) -> PingpongServer:
     """A PingpongServer whose websocket limits and timeouts come from settings."""
     PingpongWebSocketProtocol.max_pending_bytes = settings.PINGPONG_MAX_PENDING_BYTES
     PingpongHttpProtocol.idle_timeout = settings.PINGPONG_HTTP_IDLE_TIMEOUT

@@ -12,11 +12,11 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
-from pingpong import protocol
-from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown, broadcast_request_from, broadcast_send
-from pingpong.layer import ChannelLayerUnavailable, layer_roundtrip
+from pingpong import broadcast, layer_calls, presence, protocol
+from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
+from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.node import node
-from pingpong.presence import PresenceUnavailable, presence_start, presence_stats
+from pingpong.presence import PresenceUnavailable
 
 
 def error_response(status: int, error: str, detail: str, **headers: str) -> JsonResponse:
@@ -52,7 +52,7 @@ async def readyz(request: HttpRequest) -> JsonResponse:
     if node.draining:
         return JsonResponse({"status": "unavailable", "reason": "draining"}, status=503)
     try:
-        await layer_roundtrip(timeout=1.0)
+        await layer_calls.roundtrip(timeout=1.0)
     except ChannelLayerUnavailable as error:
         return JsonResponse({"status": "unavailable", "reason": f"channel layer: {error}"}, status=503)
     return JsonResponse({"status": "ready"})
@@ -67,7 +67,7 @@ def bearer_token_matches(request: HttpRequest, expected: str) -> bool:
 
 
 @csrf_exempt
-async def broadcast(request: HttpRequest) -> JsonResponse:
+async def api_broadcast(request: HttpRequest) -> JsonResponse:
     """POST /api/broadcast {"text": "...", "id": "..."} with a bearer token: send it to every client.
 
     503 means nothing was sent; 504 means the outcome is unknown, and a retry with the same
@@ -85,12 +85,12 @@ async def broadcast(request: HttpRequest) -> JsonResponse:
     except RequestDataTooBig:
         return error_response(413, "too_large", "The request body is too large.")
     try:
-        wanted = broadcast_request_from(json.loads(body))
+        wanted = broadcast.request_from(json.loads(body))
     except (ValueError, RecursionError) as error:  # JSON errors and BroadcastInvalid
         detail = str(error) if isinstance(error, BroadcastInvalid) else "The body is not valid JSON."
         return error_response(400, "bad_request", detail)
     try:
-        event = await broadcast_send(text=wanted.text, broadcast_id=wanted.id)
+        event = await broadcast.send(text=wanted.text, broadcast_id=wanted.id)
     except BroadcastOutcomeUnknown as error:
         detail = f"The broadcast may or may not have been sent ({error}); retry with the same id."
         return JsonResponse({"error": protocol.ERROR_OUTCOME_UNKNOWN, "detail": detail, "id": wanted.id}, status=504)
@@ -101,12 +101,12 @@ async def broadcast(request: HttpRequest) -> JsonResponse:
 
 
 @never_cache
-async def stats(request: HttpRequest) -> JsonResponse:
+async def api_stats(request: HttpRequest) -> JsonResponse:
     """GET /api/stats: open connections in the cluster and per node (see pingpong.presence)."""
     if request.method not in ("GET", "HEAD"):
         return error_response(405, "method_not_allowed", "Use GET.", Allow="GET, HEAD")
-    presence_start()
+    presence.start()
     try:
-        return JsonResponse(await presence_stats())
+        return JsonResponse(await presence.stats())
     except PresenceUnavailable as error:  # unreachable, or this node's count cannot be written (PresenceStale)
         return error_response(503, "unavailable", str(error))

@@ -9,6 +9,6 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),
-    path("api/broadcast", views.broadcast, name="broadcast"),
-    path("api/stats", views.stats, name="stats"),
+    path("api/broadcast", views.api_broadcast, name="broadcast"),
+    path("api/stats", views.api_stats, name="stats"),
 ]

@@ -3,7 +3,7 @@
 Loaded (`-p tests.daphne_plugin`) into the pytest run that `tests/test_daphne_upstream.py` starts
 in daphne's unpacked sdist. daphne's tests start servers through `daphne.testing.DaphneProcess`,
 which forks, reinstalls the Twisted reactor (dropping `daphne.server` from `sys.modules`) and then
-does `from .server import Server`. We wrap that reinstall: after it, `pingpong.server` is imported
+does `from .server import Server`. We wrap that reinstall: after it, `pingpong.daphne_server` is imported
 afresh (so it and its `daphne.server` base bind to the new reactor) and `daphne.server.Server`
 becomes `PingpongServer`, whose `run()` installs `ExactWebSocketProtocol`.
 
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-OURS_SERVER = "pingpong.server.PingpongServer"
-OURS_PROTOCOL = "pingpong.server.ExactWebSocketProtocol"
+OURS_SERVER = "pingpong.daphne_server.PingpongServer"
+OURS_PROTOCOL = "pingpong.daphne_server.ExactWebSocketProtocol"
 SUMMARY_PREFIX = "pingpong servers:"
 STARTUP_TIMEOUT_SECONDS = 10
 
@@ -63,12 +63,12 @@ def substitute_pingpong_server() -> None:
 
     def reinstall_then_substitute() -> None:
         reinstall()
-        sys.modules.pop("pingpong.server", None)  # its `reactor` and base class belong to the old reactor
+        sys.modules.pop("pingpong.daphne_server", None)  # its `reactor` and base class belong to the old reactor
         import daphne.server
 
-        import pingpong.server
+        import pingpong.daphne_server
 
-        daphne.server.Server = pingpong.server.PingpongServer
+        daphne.server.Server = pingpong.daphne_server.PingpongServer
 
     daphne.testing._reinstall_reactor = reinstall_then_substitute
 
@@ -111,9 +111,9 @@ def pytest_configure() -> None:
     django.setup()  # PingpongServer reads settings.PINGPONG_*; DJANGO_SETTINGS_MODULE is set by the caller
     import daphne.testing
 
-    import pingpong.server  # noqa: F401  # its imports, done once here, keep each forked start fast
+    import pingpong.daphne_server  # noqa: F401  # its imports, done once here, keep each forked start fast
 
-    # daphne waits 2 s for a child to listen; each of ours re-imports pingpong.server first, and CI
+    # daphne waits 2 s for a child to listen; each of ours re-imports pingpong.daphne_server first, and CI
     # shares two cores. Only the wait grows: a server that never listens still fails the test.
     daphne.testing.BaseDaphneTestingInstance.startup_timeout = STARTUP_TIMEOUT_SECONDS
     record_path().unlink(missing_ok=True)

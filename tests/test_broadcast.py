@@ -8,14 +8,8 @@ from typing import Any
 import pytest
 import redis
 
-from pingpong import protocol
-from pingpong.broadcast import (
-    BroadcastInvalid,
-    SeenBroadcasts,
-    broadcast_deliverable,
-    broadcast_request_from,
-    broadcast_send,
-)
+from pingpong import broadcast, protocol
+from pingpong.broadcast import BroadcastInvalid, SeenBroadcasts
 from tests.communicators import connected
 from tests.processes import LOOPBACK, DaphneNode, RedisServer, http_request, manage, wait_until
 from tests.wsclient import broadcasts_within, ping_pong, ws_connect
@@ -28,9 +22,9 @@ TOKEN = "broadcast-test-token"
 
 def test_a_request_without_an_id_gets_a_new_one():
     """Two requests without an id get two different, valid ids."""
-    first, second = broadcast_request_from({"text": "a"}), broadcast_request_from({"text": "a"})
+    first, second = broadcast.request_from({"text": "a"}), broadcast.request_from({"text": "a"})
     assert first.id != second.id
-    assert broadcast_request_from({"text": "a", "id": first.id}).id == first.id
+    assert broadcast.request_from({"text": "a", "id": first.id}).id == first.id
 
 
 @pytest.mark.parametrize(
@@ -41,13 +35,13 @@ def test_a_request_without_an_id_gets_a_new_one():
 def test_an_id_outside_the_charset_or_length_is_refused(broadcast_id: Any):
     """An id must be a string of 1-64 characters from A-Z a-z 0-9 . _ : -."""
     with pytest.raises(BroadcastInvalid, match='"id"'):
-        broadcast_request_from({"text": "hi", "id": broadcast_id})
+        broadcast.request_from({"text": "hi", "id": broadcast_id})
 
 
 def test_an_id_of_the_longest_length_from_every_allowed_character_is_accepted():
     """The whole charset, at the length limit, is a valid id."""
     broadcast_id = ("AZaz09._:-" * 7)[: protocol.BROADCAST_ID_MAX_CHARS]
-    assert broadcast_request_from({"text": "hi", "id": broadcast_id}).id == broadcast_id
+    assert broadcast.request_from({"text": "hi", "id": broadcast_id}).id == broadcast_id
 
 
 # --- the per-node record of first attempts --------------------------------------------------
@@ -107,7 +101,7 @@ def test_the_node_record_keeps_ids_for_at_least_five_minutes():
 def test_a_message_from_a_sender_without_ids_is_delivered():
     """A broadcast message without id and attempt (an older node) is always delivered."""
     message = {"type": protocol.BROADCAST_MESSAGE, "event": "{}"}
-    assert broadcast_deliverable(message) and broadcast_deliverable(message)
+    assert broadcast.deliverable(message) and broadcast.deliverable(message)
 
 
 # --- through consumers on the in-memory layer ---------------------------------------------
@@ -117,8 +111,8 @@ async def test_two_attempts_of_one_id_reach_each_client_once():
     """A retry (same id, a new attempt) is dropped by every consumer that had the first attempt."""
     clients = [await connected() for _ in range(3)]
     broadcast_id = f"retry-{uuid.uuid4().hex}"
-    first = await broadcast_send(text="once", broadcast_id=broadcast_id)
-    await broadcast_send(text="once", broadcast_id=broadcast_id)
+    first = await broadcast.send(text="once", broadcast_id=broadcast_id)
+    await broadcast.send(text="once", broadcast_id=broadcast_id)
     for ws in clients:
         assert json.loads(await ws.receive_from()) == first
         assert await ws.receive_nothing(timeout=0.1)
@@ -130,7 +124,7 @@ async def test_distinct_ids_are_all_delivered_in_order():
     clients = [await connected() for _ in range(2)]
     ids = [f"distinct-{number}-{uuid.uuid4().hex}" for number in range(5)]
     for broadcast_id in ids:
-        await broadcast_send(text="same text", broadcast_id=broadcast_id)
+        await broadcast.send(text="same text", broadcast_id=broadcast_id)
     for ws in clients:
         assert [json.loads(await ws.receive_from())["id"] for _ in ids] == ids
         assert await ws.receive_nothing(timeout=0.1)

@@ -5,8 +5,7 @@ import json
 import pytest
 from channels.layers import get_channel_layer
 
-from pingpong import protocol
-from pingpong.broadcast import broadcast_send
+from pingpong import broadcast, protocol
 from pingpong.node import node
 from tests.communicators import communicator, connected
 
@@ -80,7 +79,7 @@ async def test_unknown_websocket_path_is_rejected_at_the_handshake():
 
 async def test_broadcast_reaches_every_connected_client_once():
     clients = [await connected() for _ in range(3)]
-    event = await broadcast_send(text="hello everyone")
+    event = await broadcast.send(text="hello everyone")
     for ws in clients:
         received = json.loads(await ws.receive_from())
         assert received == {**event, "type": "broadcast", "text": "hello everyone"}

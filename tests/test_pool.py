@@ -10,7 +10,8 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from pingpong.layer import ChannelLayerUnavailable, layer_call
+from pingpong import layer_calls
+from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.layers import PingpongPubSubChannelLayer
 from pingpong.pool import BoundedConnectionPool
 from tests.processes import LOOPBACK, ROOT, free_port
@@ -126,7 +127,7 @@ async def test_an_exhausted_pool_is_reported_as_such_not_as_redis_unreachable(re
     redis = Redis.from_pool(pool)
     held = await pool.get_connection()
     with pytest.raises(ChannelLayerUnavailable, match="connection pool exhausted: all 1 Redis connections") as caught:
-        await layer_call(redis.ping(), operation="test", timeout=5)
+        await layer_calls.call(redis.ping(), operation="test", timeout=5)
     assert "unreachable" not in str(caught.value)
     await pool.release(held)
     await redis.aclose()
@@ -188,7 +189,7 @@ async def test_a_refused_connection_is_reported_as_redis_unreachable():
     )
     redis = Redis.from_pool(pool)
     with pytest.raises(ChannelLayerUnavailable, match="^Redis unreachable: "):
-        await layer_call(redis.ping(), operation="test", timeout=5)
+        await layer_calls.call(redis.ping(), operation="test", timeout=5)
     await redis.aclose()
 
 
@@ -197,7 +198,7 @@ async def test_a_deadline_missed_because_the_node_is_busy_does_not_blame_redis()
     loop = asyncio.get_running_loop()
     loop.call_later(0.05, time.sleep, 0.5)  # the loop is stuck past the call's deadline
     with pytest.raises(ChannelLayerUnavailable, match=r"no answer within 0.1 s: this node is busy") as caught:
-        await layer_call(asyncio.sleep(10), operation="test", timeout=0.1)
+        await layer_calls.call(asyncio.sleep(10), operation="test", timeout=0.1)
     assert "unreachable" not in str(caught.value)
 
 

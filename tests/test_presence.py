@@ -71,28 +71,28 @@ async def redis_client(redis_server) -> AsyncIterator[Redis]:
 
 def test_node_id_is_the_setting_when_set(settings):
     settings.PINGPONG_NODE_ID = "web-7"
-    assert presence.presence_node_id() == "web-7"
+    assert presence.node_name() == "web-7"
 
 
 def test_node_id_defaults_to_hostname_and_pid(settings):
     settings.PINGPONG_NODE_ID = ""
-    assert presence.presence_node_id().endswith(f"-{os.getpid()}")
+    assert presence.node_name().endswith(f"-{os.getpid()}")
 
 
 def test_summary_totals_the_nodes():
-    assert presence.presence_summary({"b": 2, "a": 3}) == {"connections": 5, "nodes": {"a": 3, "b": 2}}
+    assert presence.summarise({"b": 2, "a": 3}) == {"connections": 5, "nodes": {"a": 3, "b": 2}}
 
 
 def test_by_default_the_count_is_rewritten_every_5_seconds_and_lives_12():
     """The defaults: a dead node expires well within 15 s; two failed writes are tolerated."""
-    assert presence.presence_ttl() == 12 <= DEAD_NODE_DEADLINE_SECONDS
-    assert presence.presence_refresh_seconds(presence.presence_ttl()) == 5
+    assert presence.key_ttl() == 12 <= DEAD_NODE_DEADLINE_SECONDS
+    assert presence.refresh_interval(presence.key_ttl()) == 5
 
 
 def test_two_refreshes_and_slack_fit_in_every_allowed_ttl():
     """Even the smallest TTL leaves room for two missed writes before a live node expires."""
     for ttl in range(3, 30):
-        assert 0 < 2 * presence.presence_refresh_seconds(ttl) < ttl
+        assert 0 < 2 * presence.refresh_interval(ttl) < ttl
 
 
 async def test_stats_rejects_post_with_405():
@@ -109,24 +109,24 @@ async def test_stats_without_redis_is_this_process_alone(settings):
 
 @pytest.mark.redis
 async def test_published_count_is_read_back_under_the_node_id(redis_client):
-    await presence.presence_publish(redis_client, prefix="t", node_id="n1", count=4, ttl=12)
-    assert await presence.presence_read(redis_client, prefix="t") == {"n1": 4}
+    await presence.publish(redis_client, prefix="t", node_id="n1", count=4, ttl=12)
+    assert await presence.read(redis_client, prefix="t") == {"n1": 4}
 
 
 @pytest.mark.redis
 async def test_published_count_carries_the_ttl(redis_client):
-    await presence.presence_publish(redis_client, prefix="t", node_id="n1", count=4, ttl=7)
+    await presence.publish(redis_client, prefix="t", node_id="n1", count=4, ttl=7)
     assert 0 < await redis_client.ttl("t:presence:n1") <= 7
 
 
 @pytest.mark.redis
 async def test_read_ignores_other_prefixes_and_expired_nodes(redis_client):
-    await presence.presence_publish(redis_client, prefix="t", node_id="live", count=1, ttl=12)
-    await presence.presence_publish(redis_client, prefix="other", node_id="elsewhere", count=9, ttl=12)
-    await presence.presence_publish(redis_client, prefix="t", node_id="gone", count=5, ttl=1)
+    await presence.publish(redis_client, prefix="t", node_id="live", count=1, ttl=12)
+    await presence.publish(redis_client, prefix="other", node_id="elsewhere", count=9, ttl=12)
+    await presence.publish(redis_client, prefix="t", node_id="gone", count=5, ttl=1)
     await redis_client.pexpire("t:presence:gone", 1)
     await asyncio.sleep(0.05)
-    assert await presence.presence_read(redis_client, prefix="t") == {"live": 1}
+    assert await presence.read(redis_client, prefix="t") == {"live": 1}
 
 
 @pytest.mark.slow

@@ -31,3 +31,10 @@ def test_the_two_commands_and_test_fast_are_make_targets():
 
 def test_the_ci_script_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_module_table_names_every_module_of_the_app_and_nothing_else():
+    """A reader finds each module the README's table lists, and the table lists each one there is."""
+    listed = set(re.findall(r"^\| `pingpong/(\w+)\.py` \|", README, re.MULTILINE))
+    present = {path.stem for path in (ROOT / "pingpong").glob("*.py")} - {"__init__", "apps"}
+    assert listed == present

@@ -6,8 +6,9 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown, broadcast_request_from, broadcast_send
-from pingpong.layer import ChannelLayerUnavailable
+from pingpong import broadcast
+from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
+from pingpong.layer_calls import ChannelLayerUnavailable
 
 
 class Command(BaseCommand):
@@ -26,11 +27,11 @@ class Command(BaseCommand):
         if options["id"] is not None:
             payload["id"] = options["id"]
         try:
-            wanted = broadcast_request_from(payload)
+            wanted = broadcast.request_from(payload)
         except BroadcastInvalid as error:
             raise CommandError(str(error)) from error
         try:
-            event = async_to_sync(broadcast_send)(text=wanted.text, broadcast_id=wanted.id)
+            event = async_to_sync(broadcast.send)(text=wanted.text, broadcast_id=wanted.id)
         except BroadcastOutcomeUnknown as error:
             raise CommandError(
                 f"broadcast {wanted.id} may or may not have been sent ({error}); retry with --id {wanted.id}"

@@ -29,14 +29,14 @@ class Command(BaseCommand):
 
         host, port, server_name = options["host"], options["port"], options["server"]
         if server_name == "uvicorn":
-            # Not pingpong.server: importing daphne's server installs Twisted's reactor.
+            # Not pingpong.daphne_server: importing it installs Twisted's reactor.
             from pingpong import uvicorn_server
 
-            server: Any = uvicorn_server.server_build(application=get_default_application(), host=host, port=port)
+            server: Any = uvicorn_server.build(application=get_default_application(), host=host, port=port)
         else:
-            from pingpong.server import server_build  # installs the asyncio reactor first
+            from pingpong import daphne_server  # installs the asyncio reactor first
 
-            server = server_build(
+            server = daphne_server.build(
                 application=get_default_application(), host=host, port=port, verbosity=options["verbosity"]
             )
         layer = "redis pub/sub" if settings.REDIS_URL else settings.CHANNEL_LAYERS["default"]["BACKEND"]

@@ -18,10 +18,8 @@ from daphne.endpoints import build_endpoint_description_strings
 from django.conf import settings
 from twisted.internet import defer, reactor
 
-from pingpong import protocol
-from pingpong.layer import layer_warm_up
+from pingpong import layer_calls, presence, protocol
 from pingpong.node import node
-from pingpong.presence import presence_start, presence_stop
 from pingpong.serving import (
     LISTEN_BACKLOG,
     SLOW_CONSUMER_CLOSE_SECONDS,  # autobahn's own close timeout is 1 s
@@ -29,7 +27,7 @@ from pingpong.serving import (
     slow_consumer_report,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("pingpong.server")
 
 
 def pending_bytes(transport: Any) -> int:
@@ -93,13 +91,13 @@ class PingpongServer(Server):
     def run(self) -> None:
         ws_protocol.WebSocketFactory.protocol = ExactWebSocketProtocol
         ExactWebSocketProtocol.max_pending_bytes = settings.PINGPONG_MAX_PENDING_BYTES
-        reactor.callLater(0, presence_start)  # type: ignore[arg-type]  # publish this node's count from boot
+        reactor.callLater(0, presence.start)  # type: ignore[arg-type]  # publish this node's count from boot
         reactor.callLater(0, self.layer_warm_up_start)  # type: ignore[arg-type]
         super().run()
 
     def layer_warm_up_start(self) -> None:
         """Subscribe the broadcast group at boot, so a burst of first connections needs no Redis call."""
-        self.warm_up = asyncio.ensure_future(layer_warm_up(groups=[protocol.BROADCAST_GROUP]))
+        self.warm_up = asyncio.ensure_future(layer_calls.warm_up(groups=[protocol.BROADCAST_GROUP]))
 
     def listen_success(self, port: Any) -> None:
         # Twisted's HTTP idle timeout is 12 hours: a client that never finishes its request or
@@ -117,12 +115,12 @@ class PingpongServer(Server):
                 node.drain(code=protocol.CLOSE_SERVICE_RESTART, timeout=settings.PINGPONG_DRAIN_SECONDS)
             )
         )
-        drained.addBoth(lambda _: defer.Deferred.fromFuture(asyncio.ensure_future(presence_stop())))
+        drained.addBoth(lambda _: defer.Deferred.fromFuture(asyncio.ensure_future(presence.stop())))
         drained.addBoth(lambda _: Server.kill_all_applications(self))
         return drained
 
 
-def server_build(*, application: Any, host: str, port: int, verbosity: int = 1) -> PingpongServer:
+def build(*, application: Any, host: str, port: int, verbosity: int = 1) -> PingpongServer:
     """A PingpongServer whose websocket limits and timeouts come from settings."""
     limit = frame_limit()
     proxy_header = settings.PINGPONG_PROXY_HEADER or None

@@ -1,6 +1,6 @@
 """Channel-layer calls with a deadline, and the readiness round trip.
 
-Every call that can reach Redis goes through `layer_call`, so an unreachable or hung
+Every call that can reach Redis goes through `call`, so an unreachable or hung
 Redis becomes one exception, `ChannelLayerUnavailable`, within a bounded time. Its text
 names the cause, because the cures differ: "Redis unreachable" (fix Redis), "connection
 pool exhausted" (Redis is fine; this node is sending more than its connections carry) or
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-LAYER_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, asyncio.TimeoutError)
+REDIS_FAILURES: tuple[type[BaseException], ...] = (OSError, RedisError, asyncio.TimeoutError)
 
 # A deadline that fires this late shows an event loop too busy to run it on time.
 BUSY_LOOP_LAG_SECONDS = 0.1
@@ -39,7 +39,7 @@ class ChannelLayerUnavailable(Exception):
     """The channel layer could not be reached in time."""
 
 
-def layer_get() -> BaseChannelLayer:
+def get_layer() -> BaseChannelLayer:
     """The default channel layer; settings always configure one."""
     layer = get_channel_layer()
     if layer is None:
@@ -47,7 +47,7 @@ def layer_get() -> BaseChannelLayer:
     return layer
 
 
-async def layer_call(awaitable: Awaitable[T], *, operation: str, timeout: float | None = None) -> T:
+async def call(awaitable: Awaitable[T], *, operation: str, timeout: float | None = None) -> T:
     """Await a channel-layer call, turning errors and timeouts into ChannelLayerUnavailable."""
     limit = settings.PINGPONG_LAYER_TIMEOUT if timeout is None else timeout
     loop = asyncio.get_running_loop()
@@ -57,13 +57,13 @@ async def layer_call(awaitable: Awaitable[T], *, operation: str, timeout: float 
         # races with completion, leaving a consumer running after its connection is gone.
         async with deadline:
             return await awaitable
-    except LAYER_ERRORS as error:
-        metrics.LAYER_ERRORS.labels(operation).inc()
+    except REDIS_FAILURES as error:
+        metrics.LAYER_FAILURES.labels(operation).inc()
         late = loop.time() - (deadline.when() or loop.time()) if deadline.expired() else None
-        raise ChannelLayerUnavailable(layer_error_text(error, limit=limit, late=late)) from error
+        raise ChannelLayerUnavailable(error_text(error, limit=limit, late=late)) from error
 
 
-def layer_error_text(error: BaseException, *, limit: float, late: float | None = None) -> str:
+def error_text(error: BaseException, *, limit: float, late: float | None = None) -> str:
     """Say what failed: Redis unreachable, the pool exhausted, or no answer in time (and whether the node was busy).
 
     `late` is how long after the call's deadline the caller ran again, None if the deadline did not expire.
@@ -86,15 +86,15 @@ def layer_error_text(error: BaseException, *, limit: float, late: float | None =
     return f"Redis error: {detail}"
 
 
-async def layer_warm_up(*, groups: list[str]) -> None:
+async def warm_up(*, groups: list[str]) -> None:
     """Connect the channel layer and subscribe `groups` before clients arrive; a no-op for layers
     without `warm_up` (in-memory). A failure is logged: connections then subscribe on demand."""
-    layer = layer_get()
+    layer = get_layer()
     warm_up = getattr(layer, "warm_up", None)
     if warm_up is None:
         return
     try:
-        await layer_call(warm_up(groups), operation="warm_up")
+        await call(warm_up(groups), operation="warm_up")
     except ChannelLayerUnavailable as error:
         logger.warning("channel layer not warmed up at start (%s); connections will subscribe on demand", error)
 
@@ -127,9 +127,9 @@ _tls_failures_logged: set[str] = set()
 _probes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, asyncio.Lock]]" = weakref.WeakKeyDictionary()
 
 
-async def layer_roundtrip(*, timeout: float = 1.0) -> None:
+async def roundtrip(*, timeout: float = 1.0) -> None:
     """Send a message to ourselves through the layer and receive it within `timeout` seconds."""
-    layer = layer_get()
+    layer = get_layer()
     loop = asyncio.get_running_loop()
 
     async def roundtrip() -> None:
@@ -144,7 +144,7 @@ async def layer_roundtrip(*, timeout: float = 1.0) -> None:
                 message = await layer.receive(channel)
 
     try:
-        await layer_call(roundtrip(), operation="roundtrip", timeout=timeout)
+        await call(roundtrip(), operation="roundtrip", timeout=timeout)
     except ChannelLayerUnavailable:
         # A cancelled receive may have dropped the channel's subscription: start afresh next time.
         _probes.pop(loop, None)
