@@ -245,5 +245,5 @@ def json_ping_answer(text: str) -> str | None:
         return None
     # ASCII-escaped: an id holding a lone surrogate ("\ud800") goes back as sent instead of
     # failing daphne's UTF-8 encode (UnicodeEncodeError, then 1011).
-    pong = {"type": "pong", "id": request.get("id"), "server_time": time.time()}
+    pong = {"type": protocol.EVENT_PONG, "id": request.get("id"), "server_time": time.time()}
     return json.dumps(pong, separators=(",", ":"))

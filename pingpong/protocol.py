@@ -26,7 +26,6 @@ TERMINAL_CLOSE_CODES: Final = frozenset({CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY_VI
 
 # Error codes carried by {"type": "error", "error": <code>, "detail": <sentence>}.
 ERROR_UNKNOWN_MESSAGE: Final = "unknown_message"
-ERROR_BAD_JSON_PING: Final = "bad_request"
 ERROR_SLOW_CONSUMER: Final = "slow_consumer"
 ERROR_MESSAGE_TOO_BIG: Final = "message_too_big"
 ERROR_RATE_LIMITED: Final = "rate_limited"
@@ -34,6 +33,12 @@ ERROR_UNSUPPORTED_DATA: Final = "unsupported_data"
 # At the handshake: the node holds PINGPONG_MAX_CONNECTIONS, or is draining (SIGTERM).
 ERROR_FULL: Final = "full"
 ERROR_DRAINING: Final = "draining"
+# HTTP API errors, in {"error": <code>, "detail": <sentence>} bodies.
+ERROR_BAD_REQUEST: Final = "bad_request"
+ERROR_METHOD_NOT_ALLOWED: Final = "method_not_allowed"
+ERROR_DISABLED: Final = "disabled"
+ERROR_UNAUTHORIZED: Final = "unauthorized"
+ERROR_TOO_LARGE: Final = "too_large"
 # Broadcast API errors: "unavailable" means nothing was sent; "outcome_unknown" means the
 # PUBLISH was written and its answer never came, so retry with the same id.
 ERROR_UNAVAILABLE: Final = "unavailable"

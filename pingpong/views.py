@@ -74,21 +74,25 @@ async def api_broadcast(request: HttpRequest) -> JsonResponse:
     id is safe: each node delivers an id at most once (see pingpong.broadcast).
     """
     if request.method != "POST":
-        return error_response(405, "method_not_allowed", "Use POST.", Allow="POST")
+        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use POST.", Allow="POST")
     token = settings.PINGPONG_BROADCAST_TOKEN
     if not token:
-        return error_response(403, "disabled", "Broadcasting is disabled: PINGPONG_BROADCAST_TOKEN is not set.")
+        return error_response(
+            403, protocol.ERROR_DISABLED, "Broadcasting is disabled: PINGPONG_BROADCAST_TOKEN is not set."
+        )
     if not bearer_token_matches(request, token):
-        return error_response(401, "unauthorized", "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer")
+        return error_response(
+            401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
+        )
     try:
         body = request.body
     except RequestDataTooBig:
-        return error_response(413, "too_large", "The request body is too large.")
+        return error_response(413, protocol.ERROR_TOO_LARGE, "The request body is too large.")
     try:
         wanted = broadcast.request_from(json.loads(body))
     except (ValueError, RecursionError) as error:  # JSON errors and BroadcastInvalid
         detail = str(error) if isinstance(error, BroadcastInvalid) else "The body is not valid JSON."
-        return error_response(400, "bad_request", detail)
+        return error_response(400, protocol.ERROR_BAD_REQUEST, detail)
     try:
         event = await broadcast.send(text=wanted.text, broadcast_id=wanted.id)
     except BroadcastOutcomeUnknown as error:
@@ -104,9 +108,9 @@ async def api_broadcast(request: HttpRequest) -> JsonResponse:
 async def api_stats(request: HttpRequest) -> JsonResponse:
     """GET /api/stats: open connections in the cluster and per node (see pingpong.presence)."""
     if request.method not in ("GET", "HEAD"):
-        return error_response(405, "method_not_allowed", "Use GET.", Allow="GET, HEAD")
+        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use GET.", Allow="GET, HEAD")
     presence.start()
     try:
         return JsonResponse(await presence.stats())
     except PresenceUnavailable as error:  # unreachable, or this node's count cannot be written (PresenceStale)
-        return error_response(503, "unavailable", str(error))
+        return error_response(503, protocol.ERROR_UNAVAILABLE, str(error))
