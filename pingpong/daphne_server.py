@@ -29,6 +29,8 @@ from pingpong.serving import (
 
 logger = logging.getLogger("pingpong.server")
 
+HANDSHAKE_TIMEOUT_SECONDS = 30.0
+
 
 def pending_bytes(transport: Any) -> int:
     """Bytes written to a Twisted TCP transport that the kernel has not taken yet."""
@@ -133,6 +135,11 @@ def build(*, application: Any, host: str, port: int, verbosity: int = 1) -> Ping
         ping_interval=settings.PINGPONG_PING_INTERVAL,
         ping_timeout=settings.PINGPONG_PING_TIMEOUT,
         websocket_timeout=-1,  # connection lifetime is not capped; dead peers are found by pings
+        # From the upgrade request to the application's accept. daphne's 5 s is too short for a node
+        # admitting a burst of thousands (clients saw EOF mid-handshake); the request itself is
+        # complete by then, so a slow client cannot hold a connection here.
+        websocket_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
+        websocket_connect_timeout=HANDSHAKE_TIMEOUT_SECONDS,
         websocket_max_message_size=limit,
         websocket_max_frame_size=limit,
         proxy_forwarded_address_header=proxy_header,
