@@ -153,6 +153,10 @@ PINGPONG_PING_TIMEOUT = env_float("PINGPONG_PING_TIMEOUT", 20.0, minimum=1.0)
 PINGPONG_PROXY_HEADER = env_str("PINGPONG_PROXY_HEADER")
 # Seconds an HTTP connection may sit idle or mid-request (a stalled handshake); above the load
 # balancer's keep-alive idle timeout (60 s on most) so it never closes a connection the LB reuses.
+# Seconds from a websocket upgrade request to the application's accept. daphne's own 5 s dropped
+# clients mid-handshake in a burst of thousands on a busy node; the request is complete by then,
+# so a slow client cannot hold a connection here.
+PINGPONG_HANDSHAKE_TIMEOUT = env_float("PINGPONG_HANDSHAKE_TIMEOUT", 30.0, minimum=0.01)
 PINGPONG_HTTP_IDLE_TIMEOUT = env_float("PINGPONG_HTTP_IDLE_TIMEOUT", 75.0, minimum=1.0)
 # Seconds a node's presence count lives in Redis; it is rewritten every (TTL - 2) / 2 s, so two
 # writes may fail before a live node blinks out of /api/stats (12: every 5 s).

@@ -6,6 +6,8 @@ leaving. If a single one leaked, the node would end up full and refuse everyone.
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,7 @@ import pytest
 
 from pingpong import protocol
 from tests import rawws
-from tests.processes import DaphneNode, http_request, wait_until
+from tests.processes import ROOT, DaphneNode, http_request, scaled, wait_until
 from tests.wsclient import ping_pong, ws_connect
 
 TOKEN = "churn-token"
@@ -124,3 +126,22 @@ def test_a_drain_after_abrupt_endings_has_nothing_left_to_wait_for(daphne_nodes)
     node.signal(signal.SIGTERM)
     assert node.wait(timeout=20) == 0
     assert "drained" not in node.output()  # logged only when there were connections to wait for
+
+
+@pytest.mark.slow
+def test_handshakes_dropped_by_the_handshake_timeout_are_counted_out(daphne_nodes):
+    """2,000 handshakes at once against a 0.05 s handshake timeout: some are dropped, none stays counted open."""
+    node = daphne_nodes({"PINGPONG_HANDSHAKE_TIMEOUT": "0.05", "PINGPONG_MAX_CONNECTIONS_PER_IP": "0"})
+    burst = subprocess.run(
+        [sys.executable, "-m", "tests.burst", node.ws, "2000", "--timeout", "30"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
+    )
+    report = json.loads(burst.stdout)
+    assert report["opened"] < 2000  # the timeout did drop handshakes: the path under test ran
+    wait_until(lambda: node.metric("pingpong_connections_open") == 0, timeout=30, what="every connection counted out")
+    log = node.output()
+    assert log.count(" open id=") == log.count(" close id=")
+    assert "Traceback" not in log
