@@ -35,7 +35,7 @@ test-fast: $(DEV)
 lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy pingpong project
+	$(BIN)/mypy pingpong project bench/loadgen.py
 
 format: $(DEV)
 	$(BIN)/ruff format .

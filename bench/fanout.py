@@ -18,7 +18,7 @@ import redis.asyncio as aioredis  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from pingpong import protocol  # noqa: E402
-from pingpong.broadcast import broadcast_event  # noqa: E402
+from pingpong.broadcast import make_event  # noqa: E402
 
 CHANNEL = "bench.fanout"
 clients: set = set()
@@ -56,7 +56,7 @@ async def broadcast_api(scope, receive, send) -> None:
     if headers.get(b"authorization", b"").decode() != f"Bearer {settings.PINGPONG_BROADCAST_TOKEN}":
         status, answer = 401, {"error": "unauthorized"}
     else:
-        event = broadcast_event(text=json.loads(body)["text"])
+        event = make_event(text=json.loads(body)["text"])
         await redis_client().publish(CHANNEL, protocol.encode_event(event))
         status, answer = 202, event
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})

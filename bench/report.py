@@ -95,6 +95,16 @@ def _ratio(row: Row, key: str) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
+def client_cpu(row: Row) -> str:
+    """The client CPU cell: % of the client's cores, marked when the client limited the figure."""
+    return f"{row['client_cpu_percent']:.0f}%" + (" client-bound" if row.get("client_bound") else "")
+
+
+def cut_short_mark(row: Row) -> str:
+    """After a W1 rate: a server limit closed connections during the run (see the errors column)."""
+    return " cut short" if row.get("cut_short") else ""
+
+
 def table(rows: list[Row]) -> str:
     """A Markdown table per workload."""
     out: list[str] = []
@@ -109,9 +119,9 @@ def table(rows: list[Row]) -> str:
         for r in w1:
             rtt = r["rtt_ms"]
             out.append(
-                f"| {r['server']} | {r['app']} | {r['connections']} | {r['messages_per_second']:,.0f} | {_ratio(r, 'throughput')} "
+                f"| {r['server']} | {r['app']} | {r['connections']} | {r['messages_per_second']:,.0f}{cut_short_mark(r)} | {_ratio(r, 'throughput')} "
                 f"| {rtt['p50']:.2f} | {rtt['p90']:.2f} | {rtt['p99']:.2f} | {_ratio(r, 'p99')} | {rtt['max']:.1f} "
-                f"| {r['errors']} | {r['client_cpu_percent']:.0f}% | {r['server_cpu_percent']:.0f}% "
+                f"| {r['errors']} | {client_cpu(r)} | {r['server_cpu_percent']:.0f}% "
                 f"| {r['server_us_per_message']:.0f} | {_ratio(r, 'cpu_per_message')} |"
             )
         out.append("")
@@ -127,7 +137,7 @@ def table(rows: list[Row]) -> str:
             out.append(
                 f"| {r['server']} | {r['app']} | {r['opened']:,}/{r['connections']:,} | {r['connect_rate']:,.0f} | {_ratio(r, 'connect_rate')} "
                 f"| {r['rss_before_mb']} | {r['rss_after_mb']} | {r['rss_per_connection_kb']:.1f} | {_ratio(r, 'rss_per_connection')} "
-                f"| {r['answered']:,} | {r['errors']} | {r['client_cpu_percent']:.0f}% |"
+                f"| {r['answered']:,} | {r['errors']} | {client_cpu(r)} |"
             )
         out.append("")
     w3 = [row for row in rows if row["workload"] == "w3"]
@@ -143,7 +153,7 @@ def table(rows: list[Row]) -> str:
             out.append(
                 f"| {r['app']} | {r['nodes']} | {r['opened']:,}/{r['clients']:,} | {r['connect_seconds']:.1f} "
                 f"| {r['accepted']}/{r['broadcasts']} | {r['delivered']:,}/{r['expected']:,} | {r['delivered_percent']} | {lat['p50']:.0f} | {lat['p99']:.0f} "
-                f"| {_ratio(r, 'p99')} | {lat['max']:.0f} | {r['client_cpu_percent']:.0f}% | {r['server_cpu_percent']:.0f}% |"
+                f"| {_ratio(r, 'p99')} | {lat['max']:.0f} | {client_cpu(r)} | {r['server_cpu_percent']:.0f}% |"
             )
         out.append("")
     return "\n".join(out)

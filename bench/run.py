@@ -36,6 +36,10 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", default="50,1000", help="W1 connection counts")
     parser.add_argument("--duration", type=float, default=10.0, help="W1 seconds of load per case")
     parser.add_argument("--warmup", type=float, default=2.0, help="W1 seconds of load before measuring")
+    parser.add_argument("--processes", default="1", help="W1 client processes (default 1; auto: one per client core)")
+    parser.add_argument(
+        "--source-addresses", type=int, default=1, help="W1 client source addresses 127.0.0.1 ... 127.0.0.N"
+    )
     parser.add_argument("--w2-connections", type=int, default=10_000)
     parser.add_argument("--w2-servers", default="daphne", help="servers for W2 (default daphne)")
     parser.add_argument("--w3-clients", type=int, default=4_000)
@@ -125,6 +129,7 @@ def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tu
                             lambda say, cores, logs, a=app, s=server, c=connections: w1_pingpong(
                                 app=a, server=s, connections=c, duration=options.duration, warmup=options.warmup,
                                 redis_url=w1_redis, cores=cores, log_dir=logs, say=say,
+                                processes=options.processes, source_addresses=options.source_addresses,
                             ),
                         )
                     )  # fmt: skip
@@ -163,7 +168,8 @@ def summary(row: dict) -> str:
         rtt = row["rtt_ms"]
         return (
             f"{row['messages_per_second']:,.0f} msg/s, p50 {rtt['p50']:.2f} ms, p99 {rtt['p99']:.2f} ms, "
-            f"errors {row['errors']}, client CPU {row['client_cpu_percent']:.0f}%"
+            f"errors {row['errors']}, client CPU {report.client_cpu(row)}"
+            + (", cut short by a server limit" if row.get("cut_short") else "")
         )
     if row["workload"] == "w2":
         return (

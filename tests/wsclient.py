@@ -13,8 +13,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection as SyncClientConnection
 from websockets.sync.client import connect as connect_sync
 
+from bench.loadgen import ping_answer
 from pingpong import protocol
-from pingpong.loadtest import ping_answer
 from tests.processes import ORIGIN, scaled
 
 OPEN_TIMEOUT = 10.0

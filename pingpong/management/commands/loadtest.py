@@ -1,4 +1,8 @@
-"""`manage.py loadtest ws://HOST:PORT/ws/`: closed-loop ping/pong load against any deployment."""
+"""`manage.py loadtest ws://HOST:PORT/ws/`: closed-loop ping/pong load against any deployment.
+
+The load generator is client code and lives in `bench/loadgen.py`, outside the service
+package; it is imported only when the command runs, so the server image need not carry it.
+"""
 
 import json
 import sys
@@ -6,13 +10,23 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pingpong.loadtest import LoadtestError, Progress, loadtest_sync, progress_bar, result_text
+#: Pings per second per connection by default: half a default server's PINGPONG_RATE_PER_SECOND (20).
+DEFAULT_RATE = 10.0
+MISSING = (
+    "the load generator is not installed here (the server image carries only the service): "
+    "run this command from a checkout with `pip install -e '.[load]'` (or `make .venv/.installed-dev`)."
+)
+
+
+def processes_option(text: str) -> int | str:
+    """`--processes`: a number, or "auto" (the CPUs this client may use)."""
+    return text if text == "auto" else int(text)
 
 
 class Command(BaseCommand):
     help = (
         "Open N websocket connections and ping/pong on each in a closed loop for S seconds; "
-        "report connections, messages/s, RTT percentiles and close codes."
+        "report connections, messages/s, RTT percentiles, close codes and client CPU."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -25,22 +39,41 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rate",
             type=float,
-            default=0.0,
-            help="pings per second per connection (default 0: as fast as answers come; "
-            "a deployment's PINGPONG_RATE_PER_SECOND closes faster clients with 4008)",
+            default=DEFAULT_RATE,
+            help=f"pings per second per connection (default {DEFAULT_RATE:g}, under a default server's limit "
+            "of 20; 0: as fast as answers come, for a server with PINGPONG_RATE_PER_SECOND=0)",
+        )
+        parser.add_argument(
+            "--processes",
+            type=processes_option,
+            default=1,
+            help="client processes to spread the connections over (default 1; auto: one per CPU available)",
+        )
+        parser.add_argument(
+            "--source-addresses",
+            type=int,
+            default=1,
+            help="connect from 127.0.0.1 ... 127.0.0.N (loopback targets only; each address has about "
+            "28,000 ephemeral ports and its own PINGPONG_MAX_CONNECTIONS_PER_IP)",
         )
         parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            from bench import loadgen
+        except ModuleNotFoundError as error:
+            if error.name not in ("bench", "bench.loadgen", "websockets"):
+                raise
+            raise CommandError(MISSING) from None
         show = sys.stderr.isatty() and not options["json"]
 
-        def progress(snapshot: Progress) -> None:
+        def progress(snapshot: loadgen.Progress) -> None:
             if show:
-                sys.stderr.write("\r" + progress_bar(snapshot))
+                sys.stderr.write("\r" + loadgen.progress_bar(snapshot))
                 sys.stderr.flush()
 
         try:
-            result = loadtest_sync(
+            result = loadgen.run(
                 options["url"],
                 connections=options["connections"],
                 duration=options["duration"],
@@ -48,9 +81,11 @@ class Command(BaseCommand):
                 origin=options["origin"],
                 rate=options["rate"],
                 warmup=options["warmup"],
+                processes=options["processes"],
+                source_addresses=options["source_addresses"],
                 progress=progress,
             )
-        except LoadtestError as error:
+        except loadgen.LoadgenError as error:
             raise CommandError(str(error)) from None
         finally:
             if show:
@@ -58,4 +93,6 @@ class Command(BaseCommand):
         if options["json"]:
             self.stdout.write(json.dumps(result.as_dict(), indent=2))
         else:
-            self.stdout.write(result_text(result))
+            self.stdout.write(loadgen.result_text(result))
+        if result.cut_short is not None:
+            raise CommandError(result.cut_short)
