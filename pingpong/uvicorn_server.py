@@ -15,6 +15,9 @@ and what this module does about it:
   forever; here TCP is aborted after CLOSE_HANDSHAKE_SECONDS.
 - HTTP idle timeout: uvicorn times only the idle gap after a response, so a client that stalls
   mid-request or mid-handshake is held forever; `PingpongHttpProtocol` times the client's turn too.
+- A handshake websockets refuses to parse (a header line over 8 KiB, more than 128 headers) after
+  httptools took it: websockets queues 431 and uvicorn never writes it, so the socket hangs with no
+  answer and no timer; here the 431 is sent and TCP closed.
 - Proxy headers: uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; here that is off and
   PINGPONG_PROXY_HEADER alone names the client (`ProxyHeaderMiddleware`).
 
@@ -60,6 +63,15 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.close_timeout = CLOSE_HANDSHAKE_SECONDS
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # websockets refused the request (431 or 414) and queued its answer; uvicorn only writes
+            # a response for a request that parsed, so this one would wait forever. Send it and close.
+            self.handshake_complete = self.close_sent = True
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
 
     def pause_writing(self) -> None:
         # No back-pressure on the application: the pending-bytes cap bounds the buffer instead. A

@@ -1,7 +1,8 @@
 """Every accepted connection is counted out exactly once, however abruptly it ends.
 
-Raw clients against a real daphne node capped at 100 connections: 1,000 of each way of
-leaving. If a single one leaked, the node would end up full and refuse everyone.
+Raw clients against a real node capped at 100 connections, on daphne and uvicorn, on each channel
+layer: 1,000 of each way of leaving. If a single one leaked, the node would end up full and refuse
+everyone.
 """
 
 import json
@@ -16,7 +17,7 @@ import pytest
 
 from pingpong import protocol
 from tests import rawws
-from tests.processes import ROOT, DaphneNode, http_request, scaled, wait_until
+from tests.processes import ROOT, SERVERS, DaphneNode, http_request, scaled, wait_until
 from tests.wsclient import ping_pong, ws_connect
 
 TOKEN = "churn-token"
@@ -87,15 +88,22 @@ class Storm:
 
 
 @pytest.fixture(params=["embedded", "redis"])
-def capped_node(request, daphne_nodes):
+def layer(request) -> str:
+    """The channel layer the capped node runs on."""
+    return request.param
+
+
+@pytest.fixture
+def capped_node(layer, request, daphne_nodes):
     """A node capped at 100 connections, on the embedded layer or a real Redis."""
     env = {"PINGPONG_MAX_CONNECTIONS": "100", "PINGPONG_BROADCAST_TOKEN": TOKEN, "PINGPONG_RATE_PER_SECOND": "0"}
-    if request.param == "redis":
+    if layer == "redis":
         env["REDIS_URL"] = request.getfixturevalue("redis_server").url
     return daphne_nodes(env)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("server", SERVERS)
 async def test_a_thousand_of_every_abrupt_ending_leave_nothing_counted(capped_node):
     """ping+close+FIN, ping+RST, leaving mid-storm and mid-handshake, 1,000 each: gauge 0, stats 0, no traceback."""
     node = capped_node
@@ -117,6 +125,7 @@ async def test_a_thousand_of_every_abrupt_ending_leave_nothing_counted(capped_no
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("server", SERVERS)
 def test_a_drain_after_abrupt_endings_has_nothing_left_to_wait_for(daphne_nodes):
     """Connections that ended abruptly are not waited for when the node drains."""
     node = daphne_nodes({"PINGPONG_RATE_PER_SECOND": "0"})

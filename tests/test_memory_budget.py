@@ -1,4 +1,4 @@
-"""The memory budget in the README holds for a real node: every client at its caps at once."""
+"""The memory budget in the README holds for a real node, daphne or uvicorn: every client at its caps at once."""
 
 import json
 import time
@@ -7,12 +7,13 @@ import pytest
 
 from pingpong.limits import memory_budget
 from tests import rawws
-from tests.processes import PeakRss, wait_until
+from tests.processes import SERVERS, PeakRss, wait_until
 
 CONNECTIONS = 1000
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("server", SERVERS)
 def test_a_thousand_clients_each_sending_the_largest_message_at_once_stay_within_the_budget(daphne_nodes):
     """1,000 clients send a 64 KiB message at the same moment and do not read the 64 KiB answers: RSS stays in budget."""
     node = daphne_nodes({"PINGPONG_MAX_CONNECTIONS_PER_IP": "0"})
@@ -35,6 +36,6 @@ def test_a_thousand_clients_each_sending_the_largest_message_at_once_stay_within
         for client in clients:
             client.close()
     budget = memory_budget(connections=CONNECTIONS, max_message_bytes=64 * 1024, max_pending_bytes=256 * 1024)
-    print(f"peak RSS {highest / 2**20:.0f} MB, budget {budget / 2**20:.0f} MB")
+    print(f"{node.server}: peak RSS {highest / 2**20:.0f} MB, budget {budget / 2**20:.0f} MB")
     assert highest <= budget
     assert node.metric("pingpong_limit_hits_total", 'limit="slow_consumer"') == 0

@@ -1,4 +1,4 @@
-"""The live page, end to end in headless Chromium against real daphne processes.
+"""The live page, end to end in headless Chromium against real daphne and uvicorn processes.
 
 Debian's `chromium` package driven by Playwright through `executable_path`: no browser
 download. Skipped without Chromium or Playwright unless PINGPONG_REQUIRE_BROWSER is set.
@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.processes import ROOT, DaphneNode, api_broadcast
+from tests.processes import ROOT, SERVERS, DaphneNode, api_broadcast
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+# Every test runs against `manage.py serve --server daphne` and `--server uvicorn`; one browser serves both.
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.parametrize("server", SERVERS, scope="module")]
 
 TOKEN = "page-test-token"
 NODE_ENV = {"PINGPONG_BROADCAST_TOKEN": TOKEN}
@@ -118,14 +119,14 @@ def test_page_reconnects_when_a_killed_server_returns_on_the_same_port(page, dap
     node.kill()  # SIGKILL: no close frame, the page must notice the dead socket itself
     expect(page.locator("#state")).to_have_attribute("data-state", re.compile("^(closed|connecting)$"))
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "page-server-down.png", full_page=True)
+    page.screenshot(path=ARTIFACTS / f"page-server-down-{node.server}.png", full_page=True)
 
     returned = restart(node)
     page.wait_for_function("window.pingpong.state === 'open' && window.pingpong.reconnects > 0", timeout=RECONNECT_WAIT)
     wait_for_fresh_rtt(page, samples=3)
     broadcast(returned, "after the restart")
     expect(page.locator("#broadcasts li").first).to_contain_text("after the restart")
-    page.screenshot(path=ARTIFACTS / "page.png", full_page=True)
+    page.screenshot(path=ARTIFACTS / f"page-{node.server}.png", full_page=True)
 
 
 def test_page_stops_reconnecting_after_a_terminal_close_code(page, daphne_nodes):

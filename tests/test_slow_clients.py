@@ -1,7 +1,7 @@
 """Clients that do not read cannot grow a node's memory: PINGPONG_MAX_PENDING_BYTES, over TCP.
 
-Real server processes (the fast tests on daphne and uvicorn, the slow ones on daphne) and raw sockets with a small receive buffer that never read. The
-figures the README quotes come from the slow tests here.
+Real server processes, daphne and uvicorn, and raw sockets with a small receive buffer that never read.
+The figures the README quotes come from the RSS tests here.
 """
 
 import asyncio
@@ -90,6 +90,7 @@ def test_a_client_that_reads_keeps_its_connection_under_the_cap(daphne_nodes):
 
 
 @pytest.mark.slow
+@on_both_servers
 async def test_twenty_non_readers_sending_60_kib_pings_are_all_closed_within_100_mb(daphne_nodes):
     """The issue's attack: 20 non-readers (half on /ws/echo/) sending 60 KiB at 15/s for 30 s grow RSS under 100 MB."""
     node = daphne_nodes()
@@ -112,7 +113,7 @@ async def test_twenty_non_readers_sending_60_kib_pings_are_all_closed_within_100
         growth = peak.stop() - start
         for client in clients:
             client.close()
-    print(f"RSS growth with 20 non-readers: {growth / MIB:.1f} MB")
+    print(f"{node.server}: RSS growth with 20 non-readers: {growth / MIB:.1f} MB")
     assert dropped == [True] * 20
     assert growth <= 100 * MIB
     assert node.metric("pingpong_limit_hits_total", 'limit="slow_consumer"') == 20
@@ -211,6 +212,7 @@ class BroadcastReaders:
 
 
 @pytest.mark.slow
+@on_both_servers
 def test_fifty_non_readers_in_a_broadcast_storm_cost_under_150_mb_and_normal_clients_get_everything(daphne_nodes):
     """50 non-readers + 50 readers, 2,000 x 16 KiB broadcasts: RSS under +150 MB, back within 50 MB, exactly once."""
     node = daphne_nodes({"PINGPONG_BROADCAST_TOKEN": TOKEN})
@@ -230,7 +232,7 @@ def test_fifty_non_readers_in_a_broadcast_storm_cost_under_150_mb_and_normal_cli
     time.sleep(1)
     settled = node.rss_bytes() - start
     readers.close()
-    print(f"RSS growth: peak {growth / MIB:.1f} MB, after the slow clients left {settled / MIB:.1f} MB")
+    print(f"{node.server}: RSS growth: peak {growth / MIB:.1f} MB, after the slow clients left {settled / MIB:.1f} MB")
     assert list(readers.numbers.values()) == [list(range(count))] * 50
     assert growth <= 150 * MIB
     assert settled <= 50 * MIB
