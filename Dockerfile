@@ -1,4 +1,5 @@
-# pingpong: one daphne node. docker-compose.yml runs several behind nginx with Redis.
+# pingpong: daphne, one worker per CPU the container is given (with REDIS_URL; one without it).
+# docker-compose.yml runs several containers behind nginx with Redis.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -6,7 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DJANGO_STATIC_ROOT=/app/staticfiles \
-    # Limits that fit one node in 1 GiB at worst: see "Memory budget" in the README.
+    # Limits that fit one worker in 1 GiB at worst: see "Memory budget" in the README.
     PINGPONG_MAX_CONNECTIONS=4000 \
     PINGPONG_MAX_MESSAGE_BYTES=16384 \
     PINGPONG_MAX_PENDING_BYTES=131072
@@ -24,4 +25,4 @@ EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
   CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"
-CMD ["python", "manage.py", "serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "manage.py", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "auto"]

@@ -124,7 +124,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
     def count_in(self) -> None:
         """The one place a connection is counted open (the node has admitted it)."""
         self.opened_at = time.monotonic()
-        metrics.CONNECTIONS_OPEN.inc()
+        metrics.connections_open_add(1)
         metrics.CONNECTIONS_OPENED.labels(self.scope.get("path", "")).inc()
         log_event(logger, "open", id=self.connection_id, path=self.scope.get("path"), client=self.client_ip)
 
@@ -132,7 +132,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
         """Count the connection out (node, gauge, log line) once, then leave groups and call `disconnect`."""
         if self.state is not State.CLOSED and self.opened_at is not None:
             node.release(self)
-            metrics.CONNECTIONS_OPEN.dec()
+            metrics.connections_open_add(-1)
             metrics.CONNECTIONS_CLOSED.labels(str(code)).inc()
             log_event(
                 logger,

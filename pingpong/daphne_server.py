@@ -8,6 +8,7 @@ closed with 4012 and gets up to PINGPONG_DRAIN_SECONDS to finish its disconnect
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 # daphne.server installs Twisted's asyncio reactor on import: import it before anything else
@@ -139,16 +140,27 @@ class PingpongServer(Server):
         return drained
 
 
-def build(*, application: Any, host: str, port: int, verbosity: int = 1) -> PingpongServer:
-    """A PingpongServer whose websocket limits and timeouts come from settings."""
+def build(
+    *, application: Any, host: str, port: int, verbosity: int = 1, sock: socket.socket | None = None
+) -> PingpongServer:
+    """A PingpongServer whose websocket limits and timeouts come from settings; on `sock` (a listening
+    socket, which it takes over) when given, else on host:port."""
     limit = frame_limit()
     proxy_header = settings.PINGPONG_PROXY_HEADER or None
-    return PingpongServer(
-        application=application,
-        endpoints=[
+    if sock is not None:
+        # daphne's `fd:` endpoint parser passes a `domain=` option on as a string, which Twisted refuses:
+        # only its default, AF_INET, works (the serve command says so for an IPv6 host).
+        if sock.family != socket.AF_INET:
+            raise ValueError("daphne takes an IPv4 listening socket only")
+        endpoints = [f"fd:fileno={sock.detach()}"]  # Twisted adopts (dups) the descriptor, then closes ours
+    else:
+        endpoints = [
             f"{endpoint}:backlog={LISTEN_BACKLOG}"
             for endpoint in build_endpoint_description_strings(host=host, port=port)
-        ],
+        ]
+    return PingpongServer(
+        application=application,
+        endpoints=endpoints,
         ping_interval=settings.PINGPONG_PING_INTERVAL,
         ping_timeout=settings.PINGPONG_PING_TIMEOUT,
         websocket_timeout=-1,  # connection lifetime is not capped; dead peers are found by pings

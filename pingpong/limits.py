@@ -40,6 +40,8 @@ def text_too_big(text: str, limit: int) -> bool:
 # (RSS per idle connection on daphne, 29.3 KB); see "Memory budget" in the README.
 BASE_MEMORY_BYTES = 80 * 1024 * 1024
 CONNECTION_OVERHEAD_BYTES = 30 * 1024
+# The supervisor of `serve --workers N` (Django's settings, no server): 57 MB measured.
+SUPERVISOR_MEMORY_BYTES = 64 * 1024 * 1024
 
 
 def memory_budget(*, connections: int, max_message_bytes: int, max_pending_bytes: int) -> int:

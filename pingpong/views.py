@@ -15,6 +15,7 @@ from django.views.decorators.csrf import csrf_exempt
 from pingpong import broadcast, layer_calls, presence, protocol
 from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
 from pingpong.layer_calls import ChannelLayerUnavailable
+from pingpong.metrics import exposition
 from pingpong.node import node
 from pingpong.presence import PresenceUnavailable
 
@@ -43,8 +44,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus metrics of this node; the load balancer does not expose this path."""
-    return HttpResponse(prometheus_client.generate_latest(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
+    """Prometheus metrics of this server (every worker); the load balancer does not expose this path."""
+    return HttpResponse(exposition(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def readyz(request: HttpRequest) -> JsonResponse:

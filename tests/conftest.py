@@ -16,11 +16,11 @@ StartNode = Callable[..., DaphneNode]
 
 def nodes_started(server: str = "daphne") -> Iterator[StartNode]:
     """`start(env={...})` starts a node on `server` on an ephemeral port (or `port=`, to restart one where
-    its clients expect it); every node started is closed when the scope ends."""
+    its clients expect it; `workers=` for `serve --workers`); every node started is closed when the scope ends."""
     started: list[DaphneNode] = []
 
-    def start(env: dict[str, str] | None = None, *, port: int = 0) -> DaphneNode:
-        node = DaphneNode(env=env, port=port, server=server)
+    def start(env: dict[str, str] | None = None, *, port: int = 0, workers: int = 1) -> DaphneNode:
+        node = DaphneNode(env=env, port=port, server=server, workers=workers)
         started.append(node)
         return node.start()
 

@@ -323,23 +323,45 @@ def node_env(env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
-def serve_command(port: int, *, server: str = "daphne") -> list[str]:
+def serve_command(port: int, *, server: str = "daphne", workers: int = 1) -> list[str]:
     """`manage.py serve` on loopback: how `make run`, compose and the tests start the project."""
-    return [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port), "--server", server]
+    command = [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port), "--server", server]
+    return command + (["--workers", str(workers)] if workers != 1 else [])
+
+
+# How the supervisor of `serve --workers N` logs each worker it starts.
+WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 
 
 class DaphneNode(ServerProcess):
     """`manage.py serve` in its own process, with its own environment and log file."""
 
-    def __init__(self, *, env: dict[str, str] | None = None, port: int = 0, server: str = "daphne") -> None:
-        self.server = server
+    def __init__(
+        self, *, env: dict[str, str] | None = None, port: int = 0, server: str = "daphne", workers: int = 1
+    ) -> None:
+        self.server, self.workers = server, workers
         super().__init__(
-            lambda port: serve_command(port, server=server),
+            lambda port: serve_command(port, server=server, workers=workers),
             name=server,
             env=node_env(env),
-            ready=lambda node: healthy(node.http),
+            # With workers, ready once every one of them listens (each logs its bound address).
+            ready=lambda node: node.output().count("listening on http://") >= workers and healthy(node.http),
             port=port,
         )
+
+    def worker_pids(self) -> dict[int, int]:
+        """With `workers`: the pid of each worker index, the latest started (from the supervisor's log)."""
+        return {int(index): int(pid) for index, pid in WORKER_STARTED.findall(self.output())}
+
+    def kill(self) -> None:
+        """Kill the process and, with `workers`, every worker it started (they are in their own process groups)."""
+        super().kill()
+        for pid in self.worker_pids().values():
+            try:
+                if b"--worker-index" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
 
     @property
     def http(self) -> str:

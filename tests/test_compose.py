@@ -4,6 +4,7 @@ No Docker engine runs in CI, so the files are parsed and checked here; the topol
 they describe (Redis + two daphne nodes) is proven with real processes in test_redis.py.
 """
 
+import math
 import re
 import shutil
 import subprocess
@@ -11,7 +12,8 @@ import subprocess
 import pytest
 import yaml
 
-from pingpong.limits import memory_budget
+from pingpong import workers
+from pingpong.limits import SUPERVISOR_MEMORY_BYTES, memory_budget
 from project import settings
 from tests.processes import ROOT
 
@@ -21,6 +23,9 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 SERVICES = COMPOSE["services"]
 APP = SERVICES["app"]
 APP_ENV = APP["environment"]
+APP_CPUS = APP["deploy"]["resources"]["limits"]["cpus"]
+# The image runs `serve --workers auto`: one worker per CPU of the container's quota.
+APP_WORKERS = math.ceil(float(APP_CPUS))
 
 
 def seconds(value: str) -> float:
@@ -53,8 +58,9 @@ def test_every_app_variable_is_a_setting_the_project_reads():
         assert f'"{name}"' in source, f"{name} is set in compose but never read"
 
 
-def test_stop_grace_period_outlasts_the_drain():
-    assert seconds(APP["stop_grace_period"]) > float(APP_ENV["PINGPONG_DRAIN_SECONDS"])
+def test_stop_grace_period_outlasts_the_drain_and_the_supervisors_exit_margin():
+    drain = float(APP_ENV["PINGPONG_DRAIN_SECONDS"]) + workers.EXIT_MARGIN_SECONDS
+    assert seconds(APP["stop_grace_period"]) > drain
 
 
 def test_load_balancer_listens_on_8000_with_the_repo_config():
@@ -79,12 +85,12 @@ def test_load_balancer_read_timeout_outlasts_the_heartbeat():
 
 
 def test_nginx_caps_connections_per_client_address_above_the_app_cap():
-    """nginx counts per $binary_remote_addr across replicas; the app's own per-node cap answers first."""
+    """nginx counts per $binary_remote_addr across replicas and workers; the app's own per-worker cap answers first."""
     assert re.search(r"^\s*limit_conn_zone \$binary_remote_addr zone=per_ip:\d+m;", NGINX, re.MULTILINE)
     nginx_cap = int(re.search(r"^\s*limit_conn per_ip (\d+);", NGINX, re.MULTILINE).group(1))
     app_cap = int(APP_ENV["PINGPONG_MAX_CONNECTIONS_PER_IP"])
     assert 0 < app_cap <= int(APP_ENV["PINGPONG_MAX_CONNECTIONS"])
-    assert nginx_cap == app_cap * APP["deploy"]["replicas"]
+    assert nginx_cap == app_cap * APP_WORKERS * APP["deploy"]["replicas"]
 
 
 def test_nginx_drops_a_handshake_that_never_finishes_its_head():
@@ -150,8 +156,9 @@ def size(value: str) -> int:
     return int(number) * 1024 ** "KMG".index(unit) * 1024
 
 
-def test_a_full_node_with_every_client_at_its_caps_fits_in_the_container_memory_limit():
-    """Compose's env over the image's over the settings' defaults: the worst case fits the memory limit."""
+def test_every_worker_full_with_every_client_at_its_caps_fits_in_the_container_memory_limit():
+    """Compose's env over the image's over the settings' defaults: the worst case of each of the
+    container's workers (its CPU quota), and the supervisor, fit the memory limit."""
     effective = {**dockerfile_env(), **APP_ENV}
 
     def setting(name: str) -> int:
@@ -162,7 +169,12 @@ def test_a_full_node_with_every_client_at_its_caps_fits_in_the_container_memory_
         max_message_bytes=setting("PINGPONG_MAX_MESSAGE_BYTES"),
         max_pending_bytes=setting("PINGPONG_MAX_PENDING_BYTES"),
     )
-    assert budget <= size(APP["deploy"]["resources"]["limits"]["memory"])
+    workers_memory = APP_WORKERS * budget + (SUPERVISOR_MEMORY_BYTES if APP_WORKERS > 1 else 0)
+    assert workers_memory <= size(APP["deploy"]["resources"]["limits"]["memory"])
+
+
+def test_the_image_serves_one_worker_per_cpu():
+    assert '"--workers", "auto"' in DOCKERFILE
 
 
 def test_the_image_and_compose_agree_on_the_connection_cap():
