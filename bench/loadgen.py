@@ -50,15 +50,15 @@ CLIENT_BOUND_PERCENT = 80.0
 MAX_SOURCE_ADDRESSES = 254
 #: Close codes by which a server's limit ends a connection, and what to do about each.
 LIMIT_CLOSES = {
-    protocol.CLOSE_POLICY_VIOLATION: (
+    protocol.CloseCode.POLICY_VIOLATION: (
         "rate_limited",
         "pace the client with --rate (e.g. --rate 10) or raise the server's PINGPONG_RATE_PER_SECOND",
     ),
-    protocol.CLOSE_SLOW_CONSUMER: (
+    protocol.CloseCode.SLOW_CONSUMER: (
         "slow_consumer",
         "lower --rate or raise the server's PINGPONG_MAX_PENDING_BYTES",
     ),
-    protocol.CLOSE_TRY_AGAIN_LATER: (
+    protocol.CloseCode.TRY_AGAIN_LATER: (
         "full, draining or too many connections from one address",
         "open fewer connections, spread them with --source-addresses, or raise the server's "
         "PINGPONG_MAX_CONNECTIONS / PINGPONG_MAX_CONNECTIONS_PER_IP",

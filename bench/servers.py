@@ -86,15 +86,28 @@ def server_env(*, redis_url: str | None, app: str = "project") -> dict[str, str]
 
 
 def server_argv(*, app: str, server: str, port: int) -> list[str]:
-    """The command line serving `app` on `server`; the project on daphne is `manage.py serve`."""
+    """The command line serving `app` on `server`; the project is `manage.py serve [--server uvicorn]`,
+    the other apps run on the servers' own command lines (uvicorn with the project's choices)."""
     if server == "daphne":
         if app.startswith("project"):
             return [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port)]
         return [sys.executable, "-m", "daphne", "-b", LOOPBACK, "-p", str(port), APPS[app]]
     if server == "uvicorn":
+        if app.startswith("project"):
+            return [
+                sys.executable,
+                "manage.py",
+                "serve",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(port),
+                "--server",
+                "uvicorn",
+            ]
         return [
             sys.executable, "-m", "uvicorn", APPS[app], "--host", LOOPBACK, "--port", str(port),
-            "--loop", "uvloop", "--http", "httptools", "--lifespan", "off",
+            "--loop", "uvloop", "--http", "httptools", "--lifespan", "off", "--ws", "websockets-sansio",
             # info: the "running on" line carries the bound port; the access log stays off.
             "--no-access-log", "--log-level", "info", "--backlog", "4096",
         ]  # fmt: skip

@@ -63,7 +63,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
         if admission is Admission.ADDRESS_FULL:
             metrics.LIMIT_HITS.labels("connections_per_ip").inc()
             await self.refuse(
-                protocol.CLOSE_TRY_AGAIN_LATER,
+                protocol.CloseCode.TRY_AGAIN_LATER,
                 protocol.ERROR_TOO_MANY_CONNECTIONS,
                 f"Your address has {setting('PINGPONG_MAX_CONNECTIONS_PER_IP')} connections open on this node "
                 "already; close one or try again later.",
@@ -72,7 +72,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
         if not admission:
             reason = admission.value  # protocol.ERROR_DRAINING or ERROR_FULL
             metrics.LIMIT_HITS.labels("connections").inc()
-            await self.refuse(protocol.CLOSE_TRY_AGAIN_LATER, reason, f"This node is {reason}; try again later.")
+            await self.refuse(protocol.CloseCode.TRY_AGAIN_LATER, reason, f"This node is {reason}; try again later.")
             return
         self.count_in()
         try:
@@ -102,7 +102,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
         if (text is not None and text_too_big(text, limit)) or (data is not None and len(data) > limit):
             metrics.LIMIT_HITS.labels("size").inc()
             await self.refuse(
-                protocol.CLOSE_MESSAGE_TOO_BIG,
+                protocol.CloseCode.MESSAGE_TOO_BIG,
                 protocol.ERROR_MESSAGE_TOO_BIG,
                 f"Messages are limited to {limit} bytes.",
             )
@@ -110,7 +110,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
         if not self.rate.take():
             metrics.LIMIT_HITS.labels("rate").inc()
             await self.refuse(
-                protocol.CLOSE_POLICY_VIOLATION,
+                protocol.CloseCode.POLICY_VIOLATION,
                 protocol.ERROR_RATE_LIMITED,
                 f"More than {self.rate.rate:g} messages per second (burst {self.rate.burst}).",
             )
@@ -169,7 +169,7 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
     async def refuse_unavailable(self) -> None:
         """Close with 4013: without the channel layer this connection would miss broadcasts."""
         await self.refuse(
-            protocol.CLOSE_TRY_AGAIN_LATER,
+            protocol.CloseCode.TRY_AGAIN_LATER,
             protocol.ERROR_UNAVAILABLE,
             "The channel layer is unreachable; try again later.",
         )
@@ -194,7 +194,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         if text_data is None:
             metrics.RECEIVED_BINARY.inc()
             await self.refuse(
-                protocol.CLOSE_UNSUPPORTED_DATA,
+                protocol.CloseCode.UNSUPPORTED_DATA,
                 protocol.ERROR_UNSUPPORTED_DATA,
                 "Binary frames are not accepted on /ws/; send text.",
             )

@@ -100,7 +100,7 @@ class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
         event = slow_consumer_report(client=client, pending=pending, limit=self.max_pending_bytes)
         self.sendMessage(event.encode())
         self.closeHandshakeTimeout = SLOW_CONSUMER_CLOSE_SECONDS
-        self.sendClose(code=protocol.CLOSE_SLOW_CONSUMER, reason="slow consumer")
+        self.sendClose(code=protocol.CloseCode.SLOW_CONSUMER, reason="slow consumer")
 
 
 class PingpongServer(Server):
@@ -132,7 +132,7 @@ class PingpongServer(Server):
     def kill_all_applications(self) -> defer.Deferred:
         drained = defer.Deferred.fromFuture(
             asyncio.ensure_future(
-                node.drain(code=protocol.CLOSE_SERVICE_RESTART, timeout=settings.PINGPONG_DRAIN_SECONDS)
+                node.drain(code=protocol.CloseCode.SERVICE_RESTART, timeout=settings.PINGPONG_DRAIN_SECONDS)
             )
         )
         drained.addBoth(lambda _: defer.Deferred.fromFuture(asyncio.ensure_future(presence.stop())))

@@ -5,24 +5,31 @@ websocket core accepts only 1000 and 3000-4999 from an application, so the RFC c
 themselves would reach clients as 1011. The README's protocol table lists the same.
 """
 
+import enum
 import json
 from typing import Any, Final
 
 PING: Final = "ping"
 PONG: Final = "pong!"
 
-# Close codes the application sends (4000 + the RFC 6455 code they stand for).
-CLOSE_NORMAL: Final = 1000
-CLOSE_UNSUPPORTED_DATA: Final = 4003  # 1003: a binary frame on /ws/
-CLOSE_POLICY_VIOLATION: Final = 4008  # 1008: over the per-connection rate limit
-CLOSE_MESSAGE_TOO_BIG: Final = 4009  # 1009: over PINGPONG_MAX_MESSAGE_BYTES
-CLOSE_SERVICE_RESTART: Final = 4012  # 1012: the node is draining (SIGTERM)
-CLOSE_TRY_AGAIN_LATER: Final = 4013  # 1013: node full, address at its cap, or channel layer unreachable
-# No RFC 6455 code means "you read too slowly", so this one sits outside the 4000 + RFC range.
-CLOSE_SLOW_CONSUMER: Final = 4100  # more than PINGPONG_MAX_PENDING_BYTES waited for the client
+
+class CloseCode(enum.IntEnum):
+    """Close codes the application sends: 4000 + the RFC 6455 code they stand for."""
+
+    NORMAL = 1000
+    UNSUPPORTED_DATA = 4003  # 1003: a binary frame on /ws/
+    POLICY_VIOLATION = 4008  # 1008: over the per-connection rate limit
+    MESSAGE_TOO_BIG = 4009  # 1009: over PINGPONG_MAX_MESSAGE_BYTES
+    SERVICE_RESTART = 4012  # 1012: the node is draining (SIGTERM)
+    TRY_AGAIN_LATER = 4013  # 1013: node full, address at its cap, or channel layer unreachable
+    # No RFC 6455 code means "you read too slowly", so this one sits outside the 4000 + RFC range.
+    SLOW_CONSUMER = 4100  # more than PINGPONG_MAX_PENDING_BYTES waited for the client
+
 
 # Codes after which a client should not reconnect by itself.
-TERMINAL_CLOSE_CODES: Final = frozenset({CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY_VIOLATION, CLOSE_MESSAGE_TOO_BIG})
+TERMINAL_CLOSE_CODES: Final = frozenset(
+    {CloseCode.UNSUPPORTED_DATA, CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG}
+)
 
 # Error codes carried by {"type": "error", "error": <code>, "detail": <sentence>}.
 ERROR_UNKNOWN_MESSAGE: Final = "unknown_message"

@@ -37,7 +37,7 @@ def slow_consumer_report(*, client: str | None, pending: int, limit: int) -> str
         client or "-",
         pending,
         limit,
-        protocol.CLOSE_SLOW_CONSUMER,
+        protocol.CloseCode.SLOW_CONSUMER,
     )
     detail = f"More than {limit} bytes were waiting for this client to read them."
     return protocol.error_event(protocol.ERROR_SLOW_CONSUMER, detail)

@@ -119,11 +119,11 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
         client = self.client[0] if self.client else None
         event = slow_consumer_report(client=client, pending=pending, limit=self.max_pending_bytes)
         self.conn.send_text(event.encode())
-        self.conn.send_close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
+        self.conn.send_close(protocol.CloseCode.SLOW_CONSUMER, "slow consumer")
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         # As uvicorn does for an application's close: the consumer finishes now, not at TCP's end.
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": protocol.CLOSE_SLOW_CONSUMER})
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": protocol.CloseCode.SLOW_CONSUMER})
         if self.read_paused:  # so the client's close frame can be read
             self.read_paused = False
             self.transport.resume_reading()
@@ -260,7 +260,7 @@ class PingpongServer(uvicorn.Server):
         loop = asyncio.get_running_loop()
         timeout = float(settings.PINGPONG_DRAIN_SECONDS)
         deadline = loop.time() + timeout
-        await node.drain(code=protocol.CLOSE_SERVICE_RESTART, timeout=timeout)
+        await node.drain(code=protocol.CloseCode.SERVICE_RESTART, timeout=timeout)
         # uvicorn hands a consumer its disconnect as soon as it sends its close; the client's
         # answer comes after, and the listener stays open (for /readyz) until it has. Polled, as
         # uvicorn's own shutdown polls its connections: a protocol does not know its server.

@@ -33,7 +33,9 @@ def index(request: HttpRequest) -> HttpResponse:
     context: dict[str, Any] = {
         "ping": protocol.PING,
         "pong": protocol.PONG,
-        "terminal_codes": sorted(protocol.TERMINAL_CLOSE_CODES),
+        "terminal_codes": sorted(
+            int(code) for code in protocol.TERMINAL_CLOSE_CODES
+        ),  # plain numbers for the JSON config
     }
     return render(request, "pingpong/index.html", context)
 

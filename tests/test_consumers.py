@@ -53,7 +53,7 @@ async def test_binary_frame_closes_with_4003(client):
     assert event["error"] == "unsupported_data"
     assert await client.receive_output() == {
         "type": "websocket.close",
-        "code": protocol.CLOSE_UNSUPPORTED_DATA,
+        "code": protocol.CloseCode.UNSUPPORTED_DATA,
         "reason": event["detail"],
     }
 

@@ -30,7 +30,7 @@ async def test_binary_frame_over_tcp_closes_with_4003(node):
     async with await ws_connect(node.ws) as ws:
         await ws.send(b"ping")
         assert (await next_event(ws))["error"] == "unsupported_data"
-        assert await close_code(ws) == protocol.CLOSE_UNSUPPORTED_DATA
+        assert await close_code(ws) == protocol.CloseCode.UNSUPPORTED_DATA
 
 
 async def test_unknown_path_is_rejected_with_403_and_no_traceback(node):
@@ -58,7 +58,7 @@ async def test_message_over_daphne_limit_is_answered_by_the_app_with_4009(daphne
     async with await ws_connect(node.ws) as ws:
         await ws.send("x" * 1001)
         assert (await next_event(ws))["error"] == "message_too_big"
-        assert await close_code(ws) == protocol.CLOSE_MESSAGE_TOO_BIG
+        assert await close_code(ws) == protocol.CloseCode.MESSAGE_TOO_BIG
 
 
 async def test_connection_over_the_node_cap_is_closed_with_4013_and_the_first_keeps_working(daphne_nodes):
@@ -67,7 +67,7 @@ async def test_connection_over_the_node_cap_is_closed_with_4013_and_the_first_ke
         assert await ping_pong(first) == "pong!"
         async with await ws_connect(node.ws) as second:
             assert (await next_event(second))["error"] == "full"
-            assert await close_code(second) == protocol.CLOSE_TRY_AGAIN_LATER
+            assert await close_code(second) == protocol.CloseCode.TRY_AGAIN_LATER
         assert await ping_pong(first) == "pong!"
 
 
@@ -126,7 +126,7 @@ async def test_sigterm_closes_every_client_with_4012_and_exits_0(daphne_nodes):
         assert await ping_pong(ws) == "pong!"
     node.signal(signal.SIGTERM)
     codes = await asyncio.gather(*(close_code(ws) for ws in clients))
-    assert codes == [protocol.CLOSE_SERVICE_RESTART] * 3
+    assert codes == [protocol.CloseCode.SERVICE_RESTART] * 3
     assert await asyncio.to_thread(node.wait, 15) == 0
     assert "drained 3 of 3" in node.output()
 
@@ -155,7 +155,7 @@ def test_connection_during_drain_is_turned_away_with_4013(daphne_nodes):
         async with await ws_connect(node.ws) as ws:
             return await close_code(ws)
 
-    assert asyncio.run(late_client()) == protocol.CLOSE_TRY_AGAIN_LATER
+    assert asyncio.run(late_client()) == protocol.CloseCode.TRY_AGAIN_LATER
     holder.close()
     assert node.wait(15) == 0
 

@@ -25,7 +25,7 @@ async def test_message_over_the_size_limit_closes_with_4009(settings, path):
     settings.PINGPONG_MAX_MESSAGE_BYTES = 100
     ws = await connected(path)
     await ws.send_to(text_data="x" * 101)
-    await closed_with(ws, protocol.CLOSE_MESSAGE_TOO_BIG, "message_too_big")
+    await closed_with(ws, protocol.CloseCode.MESSAGE_TOO_BIG, "message_too_big")
 
 
 async def test_message_at_the_size_limit_is_accepted(settings):
@@ -44,14 +44,14 @@ async def test_messages_over_the_rate_limit_close_with_4008(settings):
         await ws.send_to(text_data="ping")
         assert await ws.receive_from() == "pong!"
     await ws.send_to(text_data="ping")
-    await closed_with(ws, protocol.CLOSE_POLICY_VIOLATION, "rate_limited")
+    await closed_with(ws, protocol.CloseCode.POLICY_VIOLATION, "rate_limited")
 
 
 async def test_connection_over_the_node_cap_closes_with_4013(settings):
     settings.PINGPONG_MAX_CONNECTIONS = len(node.connections) + 1
     first = await connected()
     second = await connected()
-    await closed_with(second, protocol.CLOSE_TRY_AGAIN_LATER, "full")
+    await closed_with(second, protocol.CloseCode.TRY_AGAIN_LATER, "full")
     await first.send_to(text_data="ping")
     assert await first.receive_from() == "pong!"
     await first.disconnect()

@@ -121,7 +121,7 @@ async def test_connection_over_the_per_address_cap_gets_an_error_event_and_4013(
     assert accepted
     event = json.loads(await refused.receive_from())
     assert event["error"] == protocol.ERROR_TOO_MANY_CONNECTIONS
-    assert (await refused.receive_output())["code"] == protocol.CLOSE_TRY_AGAIN_LATER
+    assert (await refused.receive_output())["code"] == protocol.CloseCode.TRY_AGAIN_LATER
     assert limit_hits("connections_per_ip") == before + 1
     other = await connected(client=("198.51.100.2", 5000))
     await other.send_to(text_data="ping")
@@ -168,7 +168,7 @@ async def test_one_address_at_its_cap_is_refused_while_another_address_connects(
     held = await open_from(node, CAP)
     try:
         refused = await ws_connect(node.ws)
-        assert await refused_with(refused) == (protocol.ERROR_TOO_MANY_CONNECTIONS, protocol.CLOSE_TRY_AGAIN_LATER)
+        assert await refused_with(refused) == (protocol.ERROR_TOO_MANY_CONNECTIONS, protocol.CloseCode.TRY_AGAIN_LATER)
         (other,) = await open_from(node, 1, local_addr=("127.0.0.2", 0))
         await other.close()
         await held.pop().close()
@@ -195,7 +195,7 @@ async def test_behind_the_proxy_header_two_client_addresses_are_counted_apart(da
     held = await open_from(node, CAP, **first)
     try:
         refused = await ws_connect(node.ws, **first)
-        assert await refused_with(refused) == (protocol.ERROR_TOO_MANY_CONNECTIONS, protocol.CLOSE_TRY_AGAIN_LATER)
+        assert await refused_with(refused) == (protocol.ERROR_TOO_MANY_CONNECTIONS, protocol.CloseCode.TRY_AGAIN_LATER)
         held += await open_from(node, CAP, **second)
     finally:
         await asyncio.gather(*(ws.close() for ws in held), return_exceptions=True)

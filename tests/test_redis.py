@@ -122,7 +122,7 @@ async def test_new_connection_while_redis_is_down_is_told_to_try_again_later(red
         event = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert event["error"] == "unavailable"
         await asyncio.sleep(0)
-    assert ws.close_code == protocol.CLOSE_TRY_AGAIN_LATER
+    assert ws.close_code == protocol.CloseCode.TRY_AGAIN_LATER
 
 
 async def test_channel_layer_message_of_unknown_type_is_logged_and_dropped(redis_server, daphne_nodes):

@@ -72,7 +72,7 @@ def test_a_slow_client_that_reads_late_finds_the_error_event_and_close_4100(daph
                 break
             time.sleep(0.005)
         frames = client.frames_until_close(limit=10_000)
-    assert frames[-1].close_code == protocol.CLOSE_SLOW_CONSUMER
+    assert frames[-1].close_code == protocol.CloseCode.SLOW_CONSUMER
     assert json.loads(frames[-2].payload)["error"] == protocol.ERROR_SLOW_CONSUMER
 
 

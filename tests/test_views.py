@@ -5,6 +5,7 @@ import json
 import pytest
 from django.test import AsyncClient, Client
 
+from pingpong import protocol
 from pingpong.node import node
 from tests.processes import free_port
 
@@ -33,6 +34,13 @@ async def post(client: AsyncClient, body: object, token: str | None = TOKEN, raw
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     data = raw if raw is not None else json.dumps(body).encode()
     return await client.post("/api/broadcast", data=data, content_type="application/json", headers=headers)
+
+
+def test_the_page_config_is_json_with_the_terminal_close_codes_as_numbers():
+    """The page reads its close-code policy from a JSON block: numbers, not enum reprs."""
+    html = Client().get("/").content.decode()
+    config = json.loads(html.split('<script id="config" type="application/json">', 1)[1].split("</script>", 1)[0])
+    assert config["terminal_codes"] == sorted(int(code) for code in protocol.TERMINAL_CLOSE_CODES)
 
 
 def test_page_is_served_and_connects_to_the_websocket():

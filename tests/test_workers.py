@@ -188,7 +188,7 @@ async def test_sigterm_drains_every_worker_with_4012_and_exits_0(redis_server, s
         clients = await clients_on_every_worker(node)
         node.signal(signal.SIGTERM)
         codes = await asyncio.gather(*(close_code(ws) for ws in clients))
-        assert codes == [protocol.CLOSE_SERVICE_RESTART] * len(clients)
+        assert codes == [protocol.CloseCode.SERVICE_RESTART] * len(clients)
         assert await asyncio.to_thread(node.wait, 5 + workers.EXIT_MARGIN_SECONDS + 5) == 0
         assert node.output().count("drained ") == 2
         assert "all workers stopped (exit 0)" in node.output()
