@@ -68,7 +68,8 @@ SETTINGS = {"project-channels-redis": "bench.settings_channels_redis"}
 
 
 def server_env(*, redis_url: str | None, app: str = "project") -> dict[str, str]:
-    """The same settings for every app: production mode, no rate limit, no connection cap."""
+    """The same settings for every app: production mode, no rate limit, no connection caps (the load
+    generator connects from one address unless told otherwise)."""
     env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
     env.update(
         DJANGO_SETTINGS_MODULE=SETTINGS.get(app, "project.settings"),
@@ -77,6 +78,7 @@ def server_env(*, redis_url: str | None, app: str = "project") -> dict[str, str]
         DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
         PINGPONG_RATE_PER_SECOND="0",
         PINGPONG_MAX_CONNECTIONS="0",
+        PINGPONG_MAX_CONNECTIONS_PER_IP="0",
         PINGPONG_BROADCAST_TOKEN=TOKEN,
         PYTHONUNBUFFERED="1",
     )
