@@ -71,28 +71,6 @@ async def test_connection_over_the_node_cap_is_closed_with_4013_and_the_first_ke
         assert await ping_pong(first) == "pong!"
 
 
-# The app's limit in the test below, plus the headroom the server adds for its own frame limit.
-TRANSPORT_LIMIT = 1000 + 4096
-
-
-@pytest.mark.parametrize(
-    ("frame", "code"),
-    [
-        (frame_encode(opcode=OP_TEXT, payload=b"ping", mask=False), 1002),
-        (frame_encode(opcode=OP_TEXT, payload=b"\xff\xfeping"), 1007),
-        (frame_encode(opcode=OP_TEXT, payload=b"x" * (TRANSPORT_LIMIT + 1)), 1009),
-    ],
-    ids=["unmasked", "invalid UTF-8", "over the transport limit"],
-)
-def test_protocol_error_is_answered_with_a_close_frame_that_names_it(daphne_nodes, frame, code):
-    """RFC 6455 7.1.7: the server SHOULD send a close frame with the code before closing TCP."""
-    node = daphne_nodes({"PINGPONG_MAX_MESSAGE_BYTES": "1000"})
-    with RawClient(node.port).open() as client:
-        client.send(frame)
-        assert client.close_code_read() == code
-    assert "Traceback" not in node.output()
-
-
 @pytest.mark.parametrize("sent", [b"", handshake_request(port=0)[:-2]], ids=["nothing", "half a handshake"])
 def test_a_connection_that_stalls_before_its_request_ends_is_dropped_after_the_http_idle_timeout(daphne_nodes, sent):
     """PINGPONG_HTTP_IDLE_TIMEOUT covers the client's turn, not only the idle gap after a response."""

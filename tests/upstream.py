@@ -7,6 +7,7 @@ pytest's cache directory) and returns its unpacked root.
 
 import importlib.metadata
 import json
+import re
 import shutil
 import tarfile
 import tempfile
@@ -44,3 +45,11 @@ def upstream_sdist(package: str) -> Path:
             (unpacked,) = [path for path in Path(scratch).iterdir() if path.is_dir()]
             shutil.move(unpacked, target)  # whole or not at all: a failed download leaves nothing behind
     return target
+
+
+def deselected_are_covered(deselected: dict[str, tuple[str, str]]) -> None:
+    """Each deselected upstream test has a reason and names a test of ours, in this repo, that exists."""
+    for node_id, (reason, ours) in deselected.items():
+        path, _, name = ours.partition("::")
+        assert reason, node_id
+        assert re.search(rf"^(async )?def {re.escape(name)}\(", (ROOT / path).read_text(), re.MULTILINE), ours
