@@ -116,14 +116,19 @@ class LocalChannelLayer(BaseChannelLayer):
         if not self._deliver(channel, deepcopy(message), now):
             raise ChannelFull(channel)
 
+    def _channel(self, channel: str) -> "LocalChannel":
+        """The state of `channel`, made on first use."""
+        local = self.channels.get(channel)
+        if local is None:
+            local = self.channels[channel] = LocalChannel(self.get_capacity(channel))
+        return local
+
     async def receive(self, channel: str) -> Message:
         """The oldest unexpired message on `channel`, waiting for one; cancelled, it forgets the channel."""
         self.require_valid_channel_name(channel)
         now = time.monotonic()
         self._sweep(now)
-        local = self.channels.get(channel)
-        if local is None:
-            local = self.channels[channel] = LocalChannel(self.get_capacity(channel))
+        local = self._channel(channel)
         if local.messages:
             self._drop_expired(channel, local, now)
         if local.messages:
@@ -166,9 +171,7 @@ class LocalChannelLayer(BaseChannelLayer):
         self.require_valid_channel_name(channel)
         now = time.monotonic()
         self._sweep(now)
-        local = self.channels.get(channel)
-        if local is None:
-            local = self.channels[channel] = LocalChannel(self.get_capacity(channel))
+        local = self._channel(channel)
         members = self.groups.setdefault(group, {})
         members.pop(channel, None)  # a renewed membership moves to the end: join order stays time order
         members[channel] = now
@@ -207,9 +210,7 @@ class LocalChannelLayer(BaseChannelLayer):
 
     def _deliver(self, channel: str, message: Message, now: float) -> bool:
         """Hand `message` to a waiting receiver or queue it; False when the channel is full."""
-        local = self.channels.get(channel)
-        if local is None:
-            local = self.channels[channel] = LocalChannel(self.get_capacity(channel))
+        local = self._channel(channel)
         waiters = local.waiters
         while waiters:
             waiter = waiters.popleft()
