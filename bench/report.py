@@ -13,6 +13,7 @@ TARGETS = {
     "w2_rss": 1.5,  # <= x baseline
     "w2_connect_rate": 0.7,  # >= x baseline
     "w3_p99": 2.0,  # <= x raw fan-out ceiling
+    "w3_uvicorn_p99": 0.5,  # the project on uvicorn: <= x the project on daphne
 }
 
 
@@ -45,7 +46,7 @@ def ratios_add(rows: list[Row]) -> None:
                     "connect_rate": round(row["connect_rate"] / base["connect_rate"], 3),
                 }
         elif row["workload"] == "w3":
-            base = _find(rows, workload="w3", app="rawfanout")
+            base = _find(rows, workload="w3", app="rawfanout", server=row.get("server", "daphne"))
             if base and base["latency_ms"]["p99"]:
                 row["vs_baseline"] = {"p99": round(row["latency_ms"]["p99"] / base["latency_ms"]["p99"], 3)}
 
@@ -77,6 +78,11 @@ def verdicts(rows: list[Row]) -> list[str]:
     for row in rows:
         if row.get("workload") == "w3" and row.get("app") == "project":
             lines.append(w3_delivery_verdict(row))
+    on_daphne = _find(rows, workload="w3", app="project", server="daphne")
+    on_uvicorn = _find(rows, workload="w3", app="project", server="uvicorn")
+    if on_daphne and on_uvicorn and on_daphne["latency_ms"]["p99"]:
+        ratio = on_uvicorn["latency_ms"]["p99"] / on_daphne["latency_ms"]["p99"]
+        lines.append(check("W3 p99 on uvicorn vs on daphne", ratio, TARGETS["w3_uvicorn_p99"], False))
     return lines
 
 
@@ -85,7 +91,7 @@ def w3_delivery_verdict(row: Row) -> str:
     sent, accepted = row["broadcasts"], row["accepted"]
     full = accepted == sent and row["delivered"] == row["expected"] and row["expected"] > 0
     return (
-        f"W3 {accepted}/{sent} broadcasts accepted, {row['delivered_percent']}% of those delivered "
+        f"W3 {row.get('server', 'daphne')}: {accepted}/{sent} broadcasts accepted, {row['delivered_percent']}% of those delivered "
         f"(target: all accepted, 100% delivered) {'met' if full else 'MISSED'}"
     )
 
@@ -143,15 +149,15 @@ def table(rows: list[Row]) -> str:
     w3 = [row for row in rows if row["workload"] == "w3"]
     if w3:
         out += [
-            "W3 fan-out (redis-server + daphne nodes, broadcasts through the API)",
+            "W3 fan-out (redis-server + nodes, broadcasts through the API)",
             "",
-            "| app | nodes | clients | connect s | accepted/sent | delivered/expected | % | latency p50 ms | p99 | vs raw | max | client CPU | servers CPU |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| server | app | nodes | clients | connect s | accepted/sent | delivered/expected | % | latency p50 ms | p99 | vs raw | max | client CPU | servers CPU |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for r in w3:
             lat = r["latency_ms"]
             out.append(
-                f"| {r['app']} | {r['nodes']} | {r['opened']:,}/{r['clients']:,} | {r['connect_seconds']:.1f} "
+                f"| {r.get('server', 'daphne')} | {r['app']} | {r['nodes']} | {r['opened']:,}/{r['clients']:,} | {r['connect_seconds']:.1f} "
                 f"| {r['accepted']}/{r['broadcasts']} | {r['delivered']:,}/{r['expected']:,} | {r['delivered_percent']} | {lat['p50']:.0f} | {lat['p99']:.0f} "
                 f"| {_ratio(r, 'p99')} | {lat['max']:.0f} | {client_cpu(r)} | {r['server_cpu_percent']:.0f}% |"
             )

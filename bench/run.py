@@ -30,9 +30,10 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run of a minute or so)")
     parser.add_argument("--only", default="w1,w2,w3", help="workloads to run (default w1,w2,w3)")
-    parser.add_argument("--servers", default="daphne,uvicorn", help="servers for W1 and W2 (W3 is daphne)")
+    parser.add_argument("--servers", default="daphne,uvicorn", help="servers for W1 and W2")
     parser.add_argument("--apps", default="project,project-channels-redis,baseline,stock", help="apps for W1 and W2")
     parser.add_argument("--w3-apps", default="project,project-channels-redis,rawfanout,stock", help="apps for W3")
+    parser.add_argument("--w3-servers", default="daphne,uvicorn", help="servers for W3")
     parser.add_argument("--connections", default="50,1000", help="W1 connection counts")
     parser.add_argument("--duration", type=float, default=10.0, help="W1 seconds of load per case")
     parser.add_argument("--warmup", type=float, default=2.0, help="W1 seconds of load before measuring")
@@ -149,17 +150,18 @@ def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tu
         if redis_url is None:
             print("W3 skipped: redis-server is not installed", file=sys.stderr)
         else:
-            for app in csv(options.w3_apps):
-                plan.append(
-                    (
-                        f"W3 {app} {options.w3_nodes} nodes {options.w3_clients:,} clients",
-                        lambda say, cores, logs, a=app: w3_fanout(
-                            app=a, clients=options.w3_clients, nodes=options.w3_nodes, rate=options.w3_rate,
-                            seconds=options.w3_seconds, drain=options.w3_drain, redis_url=redis_url,
-                            cores=cores, log_dir=logs, say=say,
-                        ),
-                    )
-                )  # fmt: skip
+            for server in csv(options.w3_servers):
+                for app in csv(options.w3_apps):
+                    plan.append(
+                        (
+                            f"W3 {server} {app} {options.w3_nodes} nodes {options.w3_clients:,} clients",
+                            lambda say, cores, logs, a=app, s=server: w3_fanout(
+                                app=a, server=s, clients=options.w3_clients, nodes=options.w3_nodes,
+                                rate=options.w3_rate, seconds=options.w3_seconds, drain=options.w3_drain,
+                                redis_url=redis_url, cores=cores, log_dir=logs, say=say,
+                            ),
+                        )
+                    )  # fmt: skip
     return plan
 
 

@@ -312,6 +312,7 @@ async def _w3_client(
 def w3_fanout(
     *,
     app: str,
+    server: str = "daphne",
     clients: int,
     nodes: int,
     rate: float,
@@ -322,11 +323,11 @@ def w3_fanout(
     log_dir: Path,
     say: Say,
 ) -> Row:
-    """Broadcast through the API to clients split over daphne nodes behind one Redis."""
+    """Broadcast through the API to clients split over `nodes` nodes of `server` behind one Redis."""
     started: list[ServerProcess] = []
     try:
         for _ in range(nodes):
-            started.append(app_start(app=app, server="daphne", redis_url=redis_url, cores=cores, log_dir=log_dir))
+            started.append(app_start(app=app, server=server, redis_url=redis_url, cores=cores, log_dir=log_dir))
         cpu_before = sum(process_cpu_seconds(p.pid) for p in started)
         began = time.monotonic()
         row = run_async(_w3_client(started, clients, rate, seconds, drain, say))
@@ -336,4 +337,4 @@ def w3_fanout(
     finally:
         for process in started:
             process.stop()
-    return {"workload": "w3", "app": app, "server": "daphne", "nodes": nodes, **row}
+    return {"workload": "w3", "app": app, "server": server, "nodes": nodes, **row}

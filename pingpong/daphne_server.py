@@ -100,7 +100,7 @@ class ExactWebSocketProtocol(ws_protocol.WebSocketProtocol):
         event = slow_consumer_report(client=client, pending=pending, limit=self.max_pending_bytes)
         self.sendMessage(event.encode())
         self.closeHandshakeTimeout = SLOW_CONSUMER_CLOSE_SECONDS
-        self.sendClose(code=protocol.CloseCode.SLOW_CONSUMER, reason="slow consumer")
+        self.sendClose(code=int(protocol.CloseCode.SLOW_CONSUMER), reason="slow consumer")  # autobahn wants a plain int
 
 
 class PingpongServer(Server):

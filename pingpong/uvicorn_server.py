@@ -119,11 +119,11 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
         client = self.client[0] if self.client else None
         event = slow_consumer_report(client=client, pending=pending, limit=self.max_pending_bytes)
         self.conn.send_text(event.encode())
-        self.conn.send_close(protocol.CloseCode.SLOW_CONSUMER, "slow consumer")
+        self.conn.send_close(int(protocol.CloseCode.SLOW_CONSUMER), "slow consumer")
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         # As uvicorn does for an application's close: the consumer finishes now, not at TCP's end.
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": protocol.CloseCode.SLOW_CONSUMER})
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": int(protocol.CloseCode.SLOW_CONSUMER)})
         if self.read_paused:  # so the client's close frame can be read
             self.read_paused = False
             self.transport.resume_reading()

@@ -159,6 +159,8 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         if self.state >= State.CLOSING:
             return
         self.state = State.CLOSING
+        if isinstance(code, int) and not isinstance(code, bool):
+            code = int(code)  # a plain int: autobahn refuses an int subclass such as protocol.CloseCode
         await super().close(code=code, reason=reason)
 
 
