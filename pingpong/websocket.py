@@ -56,13 +56,9 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         if self.channel_layer is not None and await self.channel_open():
             self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
             layer_task = asyncio.ensure_future(self._read_layer())
-        code: int | None = None
         try:
             while True:
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    code = message.get("code")
-                await self.dispatch(message)
+                await self.dispatch(await receive())
         except StopConsumer:
             pass
         finally:
@@ -72,9 +68,9 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
                     await layer_task
                 except asyncio.CancelledError:
                     pass
-            # However the loop ended (the client left, the server cancelled us, a handler failed),
-            # the connection is finished exactly once.
-            await self.finish(code=1006 if code is None else code)
+            # However the loop ended (the server cancelled us, a handler failed), the connection is
+            # finished exactly once; after a `websocket.disconnect` this does nothing.
+            await self.finish(code=1006)
 
     async def channel_open(self) -> bool:
         """Get this consumer's channel name from the layer; a subclass may catch an unreachable layer."""
