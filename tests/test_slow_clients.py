@@ -90,7 +90,8 @@ def test_a_client_that_reads_keeps_its_connection_under_the_cap(daphne_nodes):
 
 
 @pytest.mark.slow
-@on_both_servers
+# 30 s by design: on daphne only (uvicorn's figure, +8.9 MB, is in the README; its cap is proven by the
+# fast tests above on both servers), so CI stays short.
 async def test_twenty_non_readers_sending_60_kib_pings_are_all_closed_within_100_mb(daphne_nodes):
     """The issue's attack: 20 non-readers (half on /ws/echo/) sending 60 KiB at 15/s for 30 s grow RSS under 100 MB."""
     node = daphne_nodes()
