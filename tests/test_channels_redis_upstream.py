@@ -6,18 +6,16 @@ every layer they build a PingpongPubSubChannelLayer on this test's redis-server 
 suite, this test's Sentinel watching it), and fails any upstream test whose layers were not ours.
 """
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests import channels_redis_plugin
-from tests.processes import LOOPBACK, ROOT, RedisServer, SentinelServer
-from tests.upstream import deselected_are_covered, upstream_sdist
+from tests.processes import LOOPBACK, RedisServer, SentinelServer
+from tests.upstream import RUN_TIMEOUT_SECONDS, deselected_are_covered, pytest_in_sdist, upstream_sdist
 
 pytestmark = pytest.mark.redis
 
@@ -27,45 +25,24 @@ UPSTREAM_FILES = ("tests/test_pubsub.py", "tests/test_pubsub_sentinel.py")
 # None as of channels-redis 4.3.0: every pub/sub and pub/sub-over-Sentinel test passes on our layer.
 DESELECTED: dict[str, tuple[str, str]] = {}
 
-PER_TEST_TIMEOUT_SECONDS = 60
-RUN_TIMEOUT_SECONDS = 240
-
 
 def upstream_run(
     tmp_path: Path, redis_server: RedisServer, *args: str, sentinel: SentinelServer | None = None, stock: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run pytest in channels-redis' sdist with our plugin; `stock` leaves upstream's layer class in place."""
-    root = upstream_sdist("channels-redis")
-    env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        PYTHONDONTWRITEBYTECODE="1",  # leave the cached sdist as it was unpacked
-        PINGPONG_UPSTREAM_REDIS_URL=redis_server.url,
-    )
+    env = {"PINGPONG_UPSTREAM_REDIS_URL": redis_server.url}
     if sentinel is not None:
         env["PINGPONG_UPSTREAM_SENTINEL"] = f"{LOOPBACK}:{sentinel.port}"
     if stock:
         env["PINGPONG_UPSTREAM_STOCK"] = "1"
-    command = [
-        sys.executable,
-        "-P",  # not the sdist's own copy of channels_redis (the run's cwd): the installed one, as ours uses
-        "-m",
-        "pytest",
-        "-c",
-        str(root / "setup.cfg"),
-        "--rootdir",
-        str(root),
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "tests.channels_redis_plugin",
-        f"--timeout={PER_TEST_TIMEOUT_SECONDS}",
-        "-v",
-        "-rfE",
+    return pytest_in_sdist(
+        upstream_sdist("channels-redis"),
         *args,
-    ]
-    return subprocess.run(
-        command, cwd=root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS, check=False
+        config="setup.cfg",
+        plugins=("tests.channels_redis_plugin",),
+        env=env,
+        # Not the sdist's own copy of channels_redis (the run's cwd): the installed one, as ours uses.
+        python_flags=("-P",),
     )
 
 

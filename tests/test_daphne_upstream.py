@@ -5,17 +5,14 @@ and run in a pytest subprocess inside it with `tests/daphne_plugin.py`, which ma
 they start a PingpongServer and fails any upstream test whose servers were not ours.
 """
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests import daphne_plugin
-from tests.processes import ROOT
-from tests.upstream import deselected_are_covered, upstream_sdist
+from tests.upstream import RUN_TIMEOUT_SECONDS, deselected_are_covered, pytest_in_sdist, upstream_sdist
 
 UPSTREAM_FILES = (
     "tests/test_websocket.py",
@@ -29,47 +26,22 @@ UPSTREAM_FILES = (
 # stops a server with connections open, so every one of them passes on our classes.
 DESELECTED: dict[str, tuple[str, str]] = {}
 
-PER_TEST_TIMEOUT_SECONDS = 60
-RUN_TIMEOUT_SECONDS = 240
-
 
 def upstream_run(tmp_path: Path, *args: str, stock: bool = False) -> subprocess.CompletedProcess[str]:
     """Run pytest in daphne's sdist with our plugin; `stock` leaves daphne's own Server in place."""
-    root = upstream_sdist("daphne")
-    env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        PYTHONDONTWRITEBYTECODE="1",  # leave the cached sdist as it was unpacked
-        DJANGO_SETTINGS_MODULE="project.settings",
+    env = {
+        "DJANGO_SETTINGS_MODULE": "project.settings",
         # daphne's TestApplication keeps its messages in gettempdir(): one directory per run, so
         # concurrent runs on this machine (other worktrees, CI jobs) never read each other's.
-        TMPDIR=str(tmp_path),
-        HYPOTHESIS_STORAGE_DIRECTORY=str(tmp_path / "hypothesis"),
-        PINGPONG_UPSTREAM_RECORD=str(tmp_path / "servers.record"),
-    )
+        "TMPDIR": str(tmp_path),
+        "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path / "hypothesis"),
+        "PINGPONG_UPSTREAM_RECORD": str(tmp_path / "servers.record"),
+    }
     if stock:
         env["PINGPONG_UPSTREAM_STOCK"] = "1"
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-c",
-        str(root / "pyproject.toml"),
-        "--rootdir",
-        str(root),
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "no:django",  # the plugin sets Django up; daphne's tests run as upstream runs them
-        "-p",
-        "tests.daphne_plugin",
-        f"--timeout={PER_TEST_TIMEOUT_SECONDS}",
-        "-v",
-        "-rfE",
-        *args,
-    ]
-    return subprocess.run(
-        command, cwd=root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS, check=False
+    # no:django: the plugin sets Django up; daphne's tests run as upstream runs them.
+    return pytest_in_sdist(
+        upstream_sdist("daphne"), *args, config="pyproject.toml", plugins=("no:django", "tests.daphne_plugin"), env=env
     )
 
 

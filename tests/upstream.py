@@ -7,8 +7,11 @@ pytest's cache directory) and returns its unpacked root.
 
 import importlib.metadata
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -53,3 +56,26 @@ def deselected_are_covered(deselected: dict[str, tuple[str, str]]) -> None:
         path, _, name = ours.partition("::")
         assert reason, node_id
         assert re.search(rf"^(async )?def {re.escape(name)}\(", (ROOT / path).read_text(), re.MULTILINE), ours
+
+
+PER_TEST_TIMEOUT_SECONDS = 60
+RUN_TIMEOUT_SECONDS = 240
+
+
+def pytest_in_sdist(
+    root: Path,
+    *args: str,
+    config: str,
+    plugins: tuple[str, ...],
+    env: dict[str, str],
+    python_flags: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Run pytest on an unpacked sdist's own tests with our plugins loaded, bounded in time; never raises on failure."""
+    environment = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
+    environment.update(PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", **env)  # leave the cached sdist as unpacked
+    command = [sys.executable, *python_flags, "-m", "pytest", "-c", str(root / config), "--rootdir", str(root)]
+    command += ["-p", "no:cacheprovider", *(part for plugin in plugins for part in ("-p", plugin))]
+    command += [f"--timeout={PER_TEST_TIMEOUT_SECONDS}", "-v", "-rfE", *args]
+    return subprocess.run(
+        command, cwd=root, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS, check=False
+    )
