@@ -90,19 +90,28 @@ async def send(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:
         "id": event["id"],
         "attempt": uuid.uuid4().hex,
     }
+    await send_message(protocol.BROADCAST_GROUP, message)
+    metrics.BROADCASTS_SENT.inc()
+    return event
+
+
+async def send_message(group: str, message: dict[str, Any]) -> None:
+    """group_send one attempt of a retry-safe message (its "id" and "attempt" set), within the layer deadline.
+
+    Raises ChannelLayerUnavailable when nothing was sent, and BroadcastOutcomeUnknown when
+    the PUBLISH was written but not confirmed.
+    """
     layer = layer_calls.get_layer()
     progress = PublishProgress()
     reset = PUBLISH_PROGRESS.set(progress)
     try:
-        await layer_calls.call(layer.group_send(protocol.BROADCAST_GROUP, message), operation="group_send")
+        await layer_calls.call(layer.group_send(group, message), operation="group_send")
     except ChannelLayerUnavailable as error:
         if progress.written or not isinstance(layer, _LAYERS_THAT_KNOW_NOTHING_WAS_SENT):
             raise BroadcastOutcomeUnknown(str(error)) from error
         raise
     finally:
         PUBLISH_PROGRESS.reset(reset)
-    metrics.BROADCASTS_SENT.inc()
-    return event
 
 
 class SeenBroadcasts:

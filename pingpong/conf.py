@@ -19,6 +19,14 @@ DEFAULTS: Final[dict[str, Any]] = {
     # Four of the largest client messages, 16 of the largest broadcasts ("Memory budget", README).
     "PINGPONG_MAX_PENDING_BYTES": 256 * 1024,
     "PINGPONG_LAYER_TIMEOUT": 2.0,
+    "PINGPONG_MAX_BROADCAST_BYTES": 16 * 1024,
+    # Connection tokens (pingpong.tokens): unset, no token is issued or accepted.
+    "PINGPONG_TOKEN_SECRET": "",
+    # Topic namespaces added to (or, mapped to None, removed from) pingpong.topics.DEFAULT_NAMESPACES.
+    "PINGPONG_NAMESPACES": None,
+    # A dotted path to `(identity, action, topic) -> bool`, sync or async, asked after the namespace rules.
+    "PINGPONG_AUTHORIZE": "",
+    "PINGPONG_MAX_SUBSCRIPTIONS": 100,
 }
 
 

@@ -1,19 +1,24 @@
 """Websocket consumers: admission, limits and refusals over the lean base; thin endpoints over them."""
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from typing import Any
+from urllib.parse import parse_qs
 
 from channels.exceptions import AcceptConnection, DenyConnection
 
-from pingpong import broadcast, layer_calls, metrics, protocol
+from pingpong import broadcast, layer_calls, metrics, protocol, tokens, topics
+from pingpong.broadcast import BroadcastOutcomeUnknown
 from pingpong.conf import setting
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.limits import TokenBucket, text_too_big
 from pingpong.logs import log_event
 from pingpong.node import Admission, node
+from pingpong.tokens import TokenInvalid
+from pingpong.topics import Identity, TopicRefused
 from pingpong.websocket import LeanWebsocketConsumer, Message, State
 
 logger = logging.getLogger("pingpong.connections")
@@ -186,9 +191,29 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
 
 
 class PingPongConsumer(GuardedWebsocketConsumer):
-    """`/ws/`: answers `ping` with `pong!` and relays broadcasts."""
+    """`/ws/`: answers `ping` with `pong!`, relays broadcasts, and serves topics to its identity.
+
+    The identity is the session's user (AuthMiddlewareStack), or a token's subject from
+    `?token=` or an `auth` request; a bad token is answered `unauthorized` and 4401.
+    """
 
     groups = [protocol.BROADCAST_GROUP]
+
+    async def connect(self) -> None:
+        self.identity = session_identity(self.scope)
+        self.subscriptions: set[str] = set()
+        self.token_timers: list[asyncio.TimerHandle] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        token = query_token(self.scope)
+        if token is not None:
+            try:
+                claims = tokens.verify(token)
+            except TokenInvalid as error:
+                await self.refuse_token(str(error))
+                return
+            self.identity = token_identity(claims)
+        await self.accept()
+        self.watch_token()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:
@@ -204,27 +229,195 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             metrics.SENT_PONG.inc()
             await self.send(text_data=protocol.PONG)
             return
-        if text_data.startswith("{"):
-            answer = json_ping_answer(text_data)
-            if answer is not None:
-                metrics.RECEIVED_JSON_PING.inc()
-                metrics.SENT_PONG.inc()
-                await self.send(text_data=answer)
-                return
-        metrics.RECEIVED_OTHER.inc()
-        metrics.SENT_ERROR.inc()
+        request = parse_request(text_data)
+        kind = request.get("type") if request is not None else None
+        if request is not None and kind == protocol.REQUEST_PING:
+            metrics.RECEIVED_JSON_PING.inc()
+            metrics.SENT_PONG.inc()
+            await self.send(text_data=pong_event(request))
+            return
+        handler = self.request_handlers.get(kind) if isinstance(kind, str) else None
+        if request is None or handler is None or not isinstance(kind, str):
+            metrics.RECEIVED_OTHER.inc()
+            metrics.SENT_ERROR.inc()
+            await self.send(
+                text_data=protocol.error_event(
+                    protocol.ERROR_UNKNOWN_MESSAGE,
+                    'Send the text "ping" (answered with "pong!") or a JSON request: {"type": "ping"}, '
+                    '"subscribe", "unsubscribe", "publish", "auth" or "refresh" (see the README).',
+                    request.get("id") if request is not None else None,
+                )
+            )
+            return
+        metrics.RECEIVED[kind].inc()
+        try:
+            await handler(self, request)
+        except TopicRefused as refused:
+            await self.send_error(refused.error, str(refused), request.get("id"))
+
+    async def subscribe(self, request: Message) -> None:
+        topic = topics.valid_topic(request.get("topic"))
+        if topic in self.subscriptions:
+            await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic)
+            return
+        await topics.authorize(self.identity, "subscribe", topic)
+        limit = setting("PINGPONG_MAX_SUBSCRIPTIONS")
+        if len(self.subscriptions) >= limit:
+            raise TopicRefused(
+                protocol.ERROR_TOO_MANY_SUBSCRIPTIONS,
+                f"A connection may hold {limit} subscriptions; unsubscribe first.",
+            )
+        assert self.channel_layer is not None
+        try:
+            await layer_calls.call(
+                self.channel_layer.group_add(topics.group_for(topic), self.channel_name), operation="group_add"
+            )
+        except ChannelLayerUnavailable as error:
+            raise TopicRefused(
+                protocol.ERROR_UNAVAILABLE, f"The channel layer is unreachable ({error}); retry."
+            ) from None
+        self.subscriptions.add(topic)
+        await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic)
+
+    async def unsubscribe(self, request: Message) -> None:
+        topic = request.get("topic")
+        if topic not in self.subscriptions:
+            raise TopicRefused(protocol.ERROR_NOT_SUBSCRIBED, "This connection is not subscribed to that topic.")
+        self.subscriptions.discard(topic)
+        await self.leave_topic(topic)
+        await self.reply(protocol.EVENT_UNSUBSCRIBED, request, topic=topic)
+
+    async def publish(self, request: Message) -> None:
+        topic = topics.valid_topic(request.get("topic"))
+        if "data" not in request:
+            raise TopicRefused(protocol.ERROR_BAD_REQUEST, 'A publish request carries "data": any JSON value.')
+        await topics.authorize(self.identity, "publish", topic)
+        try:
+            await topics.apublish(topic, request["data"])
+        except BroadcastOutcomeUnknown as error:
+            raise TopicRefused(
+                protocol.ERROR_OUTCOME_UNKNOWN, f"The publication may not have been sent ({error})."
+            ) from None
+        except ChannelLayerUnavailable as error:
+            raise TopicRefused(
+                protocol.ERROR_UNAVAILABLE, f"The channel layer is unreachable ({error}); retry."
+            ) from None
+        await self.reply(protocol.EVENT_PUBLISHED, request, topic=topic)
+
+    async def auth(self, request: Message) -> None:
+        if self.identity.is_authenticated:
+            raise TopicRefused(protocol.ERROR_BAD_REQUEST, "This connection has a user already; send refresh.")
+        await self.take_token(request)
+
+    async def refresh(self, request: Message) -> None:
+        if self.identity.via != "token":
+            raise TopicRefused(protocol.ERROR_BAD_REQUEST, "This connection has no token to refresh; send auth.")
+        await self.take_token(request)
+
+    request_handlers = {
+        protocol.REQUEST_SUBSCRIBE: subscribe,
+        protocol.REQUEST_UNSUBSCRIBE: unsubscribe,
+        protocol.REQUEST_PUBLISH: publish,
+        protocol.REQUEST_AUTH: auth,
+        protocol.REQUEST_REFRESH: refresh,
+    }
+
+    async def take_token(self, request: Message) -> None:
+        """Become the token's user (auth), or extend the same user's token (refresh); a bad one closes 4401."""
+        try:
+            claims = tokens.verify(request.get("token"))
+        except TokenInvalid as error:
+            await self.refuse_token(str(error))
+            return
+        if self.identity.via == "token" and claims.user_id != self.identity.user_id:
+            await self.refuse_token("A refresh token must be for the same user.")
+            return
+        self.identity = token_identity(claims)
+        self.watch_token()
+        await self.reply(protocol.EVENT_AUTHENTICATED, request, user=claims.user_id, expires_at=claims.expires_at)
+
+    def watch_token(self) -> None:
+        """Warn TOKEN_WARNING_SECONDS before the token's exp, and close 4401 at exp (until a refresh)."""
+        for timer in self.token_timers:
+            timer.cancel()
+        expires_at = self.identity.expires_at
+        if expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = expires_at - time.time()
+        self.token_timers = [
+            loop.call_later(max(0.0, left - protocol.TOKEN_WARNING_SECONDS), self.spawn, self.token_expiring),
+            loop.call_later(max(0.0, left), self.spawn, self.token_expired),
+        ]
+
+    def spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def token_expiring(self) -> None:
         await self.send(
-            text_data=protocol.error_event(
-                protocol.ERROR_UNKNOWN_MESSAGE,
-                'Send the text "ping" (answered with "pong!") or {"type": "ping", "id": ...}.',
+            text_data=protocol.encode_event(
+                {
+                    "type": protocol.EVENT_TOKEN_EXPIRING,
+                    "expires_at": self.identity.expires_at,
+                    "detail": 'The token expires at expires_at: send {"type": "refresh", "token": ...} before then.',
+                }
             )
         )
+
+    async def token_expired(self) -> None:
+        await self.refuse_token("The token has expired.")
+
+    async def refuse_token(self, detail: str) -> None:
+        metrics.TOPIC_REFUSALS.labels(protocol.ERROR_UNAUTHORIZED).inc()
+        await self.refuse(protocol.CloseCode.UNAUTHORIZED, protocol.ERROR_UNAUTHORIZED, detail)
+
+    async def reply(self, kind: str, request: Message, **fields: Any) -> None:
+        """An answer event of type `kind`, repeating the request's id when it had one."""
+        event = {"type": kind, **fields}
+        if request.get("id") is not None:
+            event["id"] = request["id"]
+        await self.send(text_data=protocol.encode_event(event))
+
+    async def send_error(self, error: str, detail: str, request_id: Any) -> None:
+        metrics.TOPIC_REFUSALS.labels(error).inc()
+        metrics.SENT_ERROR.inc()
+        await self.send(text_data=protocol.error_event(error, detail, request_id))
 
     async def broadcast_message(self, message: Message) -> None:
         """A broadcast from the group: its event was serialised once by the sender; a retry's copy is dropped."""
         if broadcast.deliverable(message):
             metrics.SENT_BROADCAST.inc()
             await self.send(text_data=message["event"])
+
+    async def topic_publication(self, message: Message) -> None:
+        """A publication to a subscribed topic (groups are hashes: the topic itself is checked too)."""
+        if message.get("topic") in self.subscriptions and broadcast.deliverable(message):
+            metrics.SENT_PUBLICATION.inc()
+            await self.send(text_data=message["event"])
+
+    async def leave_topic(self, topic: str) -> None:
+        assert self.channel_layer is not None
+        try:
+            await layer_calls.call(
+                self.channel_layer.group_discard(topics.group_for(topic), self.channel_name),
+                operation="group_discard",
+            )
+        except ChannelLayerUnavailable as error:
+            logger.warning("group_discard failed: %s", error)
+
+    async def finish(self, *, code: int) -> None:
+        """Stop the token timers and leave every topic, as well as the base's groups."""
+        await super().finish(code=code)
+        for timer in getattr(self, "token_timers", ()):
+            timer.cancel()
+        for task in list(getattr(self, "tasks", ())):
+            task.cancel()
+        subscriptions: set[str] = getattr(self, "subscriptions", set())
+        self.subscriptions = set()
+        for topic in subscriptions:
+            await self.leave_topic(topic)
 
 
 class EchoConsumer(GuardedWebsocketConsumer):
@@ -235,15 +428,41 @@ class EchoConsumer(GuardedWebsocketConsumer):
         await self.send(text_data=text_data, bytes_data=bytes_data)
 
 
-def json_ping_answer(text: str) -> str | None:
-    """The answer to a JSON ping `{"type": "ping", "id": ...}`, or None for any other text."""
+def parse_request(text: str) -> dict[str, Any] | None:
+    """A JSON object request, or None for any other text."""
+    if not text.startswith("{"):
+        return None
     try:
         request = json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter allows
         return None
-    if not isinstance(request, dict) or request.get("type") != "ping":
-        return None
+    return request if isinstance(request, dict) else None
+
+
+def pong_event(request: dict[str, Any]) -> str:
+    """The answer to a JSON ping `{"type": "ping", "id": ...}`."""
     # ASCII-escaped: an id holding a lone surrogate ("\ud800") goes back as sent instead of
     # failing daphne's UTF-8 encode (UnicodeEncodeError, then 1011).
     pong = {"type": protocol.EVENT_PONG, "id": request.get("id"), "server_time": time.time()}
     return json.dumps(pong, separators=(",", ":"))
+
+
+def query_token(scope: Message) -> str | None:
+    """The `token` query parameter, when the connection URL has one."""
+    query = scope.get("query_string", b"")
+    if b"token=" not in query:
+        return None
+    values = parse_qs(query.decode("latin-1")).get("token")
+    return values[0] if values else ""
+
+
+def session_identity(scope: Message) -> Identity:
+    """The session's user (resolved once by AuthMiddlewareStack at the handshake), or anonymous."""
+    user = scope.get("user")
+    if user is None or not user.is_authenticated:
+        return topics.ANONYMOUS
+    return Identity(user_id=str(user.pk), via="session", user=user)
+
+
+def token_identity(claims: tokens.Claims) -> Identity:
+    return Identity(user_id=claims.user_id, via="token", topics=claims.topics, expires_at=claims.expires_at)

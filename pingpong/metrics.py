@@ -41,6 +41,10 @@ CONNECTIONS_CLOSED = Counter(
 )
 LIMIT_HITS = Counter("pingpong_limit_hits_total", "Connections closed or refused by a limit.", ["limit"])
 BROADCASTS_SENT = Counter("pingpong_broadcasts_sent_total", "Broadcasts this node published to the channel layer.")
+PUBLICATIONS_SENT = Counter("pingpong_publications_sent_total", "Publications to topics this node sent to the layer.")
+TOPIC_REFUSALS = Counter(
+    "pingpong_topic_refusals_total", "Topic and token requests answered with an error, by error code.", ["error"]
+)
 LAYER_FAILURES = Counter(
     "pingpong_channel_layer_errors_total", "Channel-layer calls that failed or timed out.", ["operation"]
 )
@@ -78,13 +82,17 @@ class LoopHistogram:
         self.total += value
 
 
-RECEIVED = {kind: LoopCounter() for kind in ("ping", "json_ping", "other", "binary")}
-SENT = {kind: LoopCounter() for kind in ("pong", "error", "broadcast", "echo")}
+RECEIVED = {
+    kind: LoopCounter()
+    for kind in ("ping", "json_ping", "other", "binary", "subscribe", "unsubscribe", "publish", "auth", "refresh")
+}
+SENT = {kind: LoopCounter() for kind in ("pong", "error", "broadcast", "echo", "publication")}
 HANDLER_SECONDS = LoopHistogram((0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25))
 
 RECEIVED_PING, RECEIVED_JSON_PING = RECEIVED["ping"], RECEIVED["json_ping"]
 RECEIVED_OTHER, RECEIVED_BINARY = RECEIVED["other"], RECEIVED["binary"]
 SENT_PONG, SENT_ERROR, SENT_BROADCAST, SENT_ECHO = SENT["pong"], SENT["error"], SENT["broadcast"], SENT["echo"]
+SENT_PUBLICATION = SENT["publication"]
 
 
 class LoopMetricsCollector(Collector):

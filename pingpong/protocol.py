@@ -24,11 +24,13 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 4013  # 1013: node full, address at its cap, or channel layer unreachable
     # No RFC 6455 code means "you read too slowly", so this one sits outside the 4000 + RFC range.
     SLOW_CONSUMER = 4100  # more than PINGPONG_MAX_PENDING_BYTES waited for the client
+    # Like HTTP 401: a bad, expired or wrongly signed token. Get a new token, then reconnect.
+    UNAUTHORIZED = 4401
 
 
-# Codes after which a client should not reconnect by itself.
+# Codes after which a client should not reconnect by itself (after 4401, only with a new token).
 TERMINAL_CLOSE_CODES: Final = frozenset(
-    {CloseCode.UNSUPPORTED_DATA, CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG}
+    {CloseCode.UNSUPPORTED_DATA, CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG, CloseCode.UNAUTHORIZED}
 )
 
 # Error codes carried by {"type": "error", "error": <code>, "detail": <sentence>}.
@@ -52,6 +54,14 @@ ERROR_UNAVAILABLE: Final = "unavailable"
 ERROR_OUTCOME_UNKNOWN: Final = "outcome_unknown"
 # This client address holds PINGPONG_MAX_CONNECTIONS_PER_IP connections on the node already.
 ERROR_TOO_MANY_CONNECTIONS: Final = "too_many_connections"
+# Topic requests (subscribe, unsubscribe, publish): the connection stays open after each.
+ERROR_FORBIDDEN: Final = "forbidden"
+ERROR_UNKNOWN_NAMESPACE: Final = "unknown_namespace"
+ERROR_BAD_TOPIC: Final = "bad_topic"
+ERROR_TOO_MANY_SUBSCRIPTIONS: Final = "too_many_subscriptions"
+ERROR_NOT_SUBSCRIBED: Final = "not_subscribed"
+# ERROR_BAD_REQUEST (above) also answers a malformed topic, auth or refresh request, and
+# ERROR_UNAUTHORIZED a bad token, followed by close 4401.
 
 # Every /ws/ client joins this group; a broadcast goes to it.
 BROADCAST_GROUP: Final = "broadcast"
@@ -69,10 +79,33 @@ BROADCAST_DEDUP_SECONDS: Final = 300.0
 BROADCAST_DEDUP_MAX_IDS: Final = 10_000
 
 
+# Channel-layer message type for a publication to a topic; handled by `topic_publication`.
+PUBLICATION_MESSAGE: Final = "topic.publication"
+
+# Request types a client sends as JSON text on /ws/ (each may carry an "id" its reply repeats).
+REQUEST_PING: Final = "ping"
+REQUEST_AUTH: Final = "auth"  # {"type": "auth", "token": ...}: become the token's user
+REQUEST_REFRESH: Final = "refresh"  # {"type": "refresh", "token": ...}: a later token for the same user
+REQUEST_SUBSCRIBE: Final = "subscribe"
+REQUEST_UNSUBSCRIBE: Final = "unsubscribe"
+REQUEST_PUBLISH: Final = "publish"
+
 # Event types of the JSON text events the server pushes (`pong!` stays plain text).
 EVENT_BROADCAST: Final = "broadcast"
 EVENT_ERROR: Final = "error"
 EVENT_PONG: Final = "pong"
+EVENT_AUTHENTICATED: Final = "authenticated"  # the answer to auth and refresh: {"user", "expires_at"}
+EVENT_TOKEN_EXPIRING: Final = "token_expiring"  # TOKEN_WARNING_SECONDS before the token's exp
+EVENT_SUBSCRIBED: Final = "subscribed"
+EVENT_UNSUBSCRIBED: Final = "unsubscribed"
+EVENT_PUBLISHED: Final = "published"
+EVENT_PUBLICATION: Final = "publication"
+
+# A connection with a token is warned this many seconds before the token expires (at once when
+# it has less left), and closed with 4401 at `exp` unless it sent a refresh.
+TOKEN_WARNING_SECONDS: Final = 30.0
+# Longer tokens are refused unread: a real one is a few hundred characters.
+TOKEN_MAX_CHARS: Final = 4096
 
 
 def event_type(frame: str | bytes) -> str | None:
@@ -96,6 +129,9 @@ def encode_event(event: dict[str, Any]) -> str:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
-def error_event(code: str, detail: str) -> str:
-    """The JSON text of an error event; the connection stays open after it."""
-    return encode_event({"type": "error", "error": code, "detail": detail})
+def error_event(code: str, detail: str, request_id: Any = None) -> str:
+    """The JSON text of an error event, repeating the request's id when it had one."""
+    event: dict[str, Any] = {"type": EVENT_ERROR, "error": code, "detail": detail}
+    if request_id is not None:
+        event["id"] = request_id
+    return encode_event(event)

@@ -4,11 +4,14 @@ With no environment at all this is a working local run: debug on, localhost only
 the embedded (process-local) channel layer. Every deploy difference is one variable.
 """
 
+import json
 import os
 import re
 import socket
 import sys
 from pathlib import Path
+
+import dj_database_url
 
 from pingpong.conf import DEFAULTS
 from project.env import env_bool, env_float, env_int, env_list, env_str
@@ -29,6 +32,9 @@ if not DEBUG and (len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5 or SECRET_KEY
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 
 INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
     "django.contrib.staticfiles",
     "channels",
     "pingpong",
@@ -37,8 +43,10 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -50,12 +58,27 @@ TEMPLATES = [
         "BACKEND": "django.template.backends.django.DjangoTemplates",
         "DIRS": [],
         "APP_DIRS": True,
-        "OPTIONS": {"context_processors": ["django.template.context_processors.request"]},
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+            ]
+        },
     }
 ]
 
-# The service keeps no relational data: no database, no thread hop to close connections.
-DATABASES: dict[str, dict[str, str]] = {}
+# Users and sessions, so a browser logged in to the site is the same user on its websocket.
+# Read once per connection (at connect, never per message). SQLite beside the code by default,
+# so `make run` needs nothing; a deploy sets DATABASE_URL (postgres://...; compose runs PostgreSQL).
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"), conn_max_age=60, conn_health_checks=True
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "index"
+LOGOUT_REDIRECT_URL = "index"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -137,8 +160,19 @@ else:
 
 # pingpong's own settings; names, defaults and meaning are listed in the README.
 PINGPONG_BROADCAST_TOKEN = env_str("PINGPONG_BROADCAST_TOKEN")
+# Signs connection tokens (pingpong.tokens); unset, none is issued or accepted.
+PINGPONG_TOKEN_SECRET = env_str("PINGPONG_TOKEN_SECRET")
+try:
+    PINGPONG_NAMESPACES = json.loads(env_str("PINGPONG_NAMESPACES", "null"))
+except ValueError:
+    sys.exit('pingpong: PINGPONG_NAMESPACES must be JSON: {"name": {"subscribe": ..., "publish": ...}, ...}.')
+PINGPONG_AUTHORIZE = env_str("PINGPONG_AUTHORIZE")
+PINGPONG_MAX_SUBSCRIPTIONS = env_int("PINGPONG_MAX_SUBSCRIPTIONS", DEFAULTS["PINGPONG_MAX_SUBSCRIPTIONS"], minimum=1)
 PINGPONG_MAX_MESSAGE_BYTES = env_int("PINGPONG_MAX_MESSAGE_BYTES", DEFAULTS["PINGPONG_MAX_MESSAGE_BYTES"], minimum=16)
-PINGPONG_MAX_BROADCAST_BYTES = env_int("PINGPONG_MAX_BROADCAST_BYTES", 16 * 1024, minimum=1)
+# The largest broadcast text, and the largest publication `data` as JSON.
+PINGPONG_MAX_BROADCAST_BYTES = env_int(
+    "PINGPONG_MAX_BROADCAST_BYTES", DEFAULTS["PINGPONG_MAX_BROADCAST_BYTES"], minimum=1
+)
 PINGPONG_RATE_PER_SECOND = env_float("PINGPONG_RATE_PER_SECOND", DEFAULTS["PINGPONG_RATE_PER_SECOND"])
 PINGPONG_RATE_BURST = env_int("PINGPONG_RATE_BURST", DEFAULTS["PINGPONG_RATE_BURST"])
 PINGPONG_MAX_CONNECTIONS = env_int("PINGPONG_MAX_CONNECTIONS", DEFAULTS["PINGPONG_MAX_CONNECTIONS"])
