@@ -6,6 +6,7 @@ no port is probed free and then raced for. This module imports nothing from pyte
 time: `bench/` uses it too.
 """
 
+import atexit
 import json
 import os
 import re
@@ -310,10 +311,26 @@ class SentinelServer:
         self.dir.cleanup()
 
 
+_DATABASE_URL: list[str] = []
+
+
+def database_url() -> str:
+    """A migrated SQLite database that this process's test nodes share: made once, removed at exit."""
+    if not _DATABASE_URL:
+        directory = tempfile.mkdtemp(prefix="pingpong-db-")
+        atexit.register(shutil.rmtree, directory, True)
+        url = f"sqlite:///{directory}/db.sqlite3"
+        done = manage("migrate", "--noinput", env={"DATABASE_URL": url})
+        if done.returncode != 0:
+            raise RuntimeError(f"manage.py migrate failed:\n{done.stdout}{done.stderr}")
+        _DATABASE_URL.append(url)
+    return _DATABASE_URL[0]
+
+
 def node_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a test node: production mode, loopback hosts, no REDIS_URL unless given."""
+    """The environment of a test node: production mode, loopback hosts, no REDIS_URL unless given, the test database."""
     inherited = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
-    return {
+    environment = {
         **inherited,
         "DJANGO_DEBUG": "0",
         "DJANGO_SECRET_KEY": TEST_SECRET,
@@ -321,6 +338,8 @@ def node_env(env: dict[str, str] | None = None) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }
+    environment.setdefault("DATABASE_URL", database_url())
+    return environment
 
 
 def serve_command(port: int, *, server: str = "daphne", workers: int = 1) -> list[str]:
