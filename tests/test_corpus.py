@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
@@ -52,6 +53,8 @@ RATE_BURST = 40
 MAX_CONNECTIONS_PER_IP = 12
 # Proposed setting (see the report): Twisted keeps a stalled HTTP request open for 12 hours.
 HTTP_IDLE_TIMEOUT = 3
+TOKEN_SECRET = "corpus-token-secret-" + "0123456789abcdef" * 3
+MAX_SUBSCRIPTIONS = 20
 
 Probe = Callable[[DaphneNode], str]
 
@@ -315,6 +318,52 @@ def api_broadcast(text: str) -> Probe:
     return probe
 
 
+def ws_opened(path: str) -> Probe:
+    """Connect to `path`, send `ping`, report the first answer (then `open`, or how it closed)."""
+
+    def probe(node: DaphneNode) -> str:
+        try:
+            with ws_client(node, path) as ws:
+                try:
+                    ws.send("ping")
+                except ConnectionClosed:
+                    pass  # refused at once: what it said is still read below
+                return ", ".join(ws_replies(ws, 1))
+        except ConnectionClosed as closed:
+            return f"close {closed.rcvd.code}" if closed.rcvd else "dropped"
+        except Exception as error:  # the handshake itself was refused
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            return f"http {status}" if status else "dropped"
+
+    return probe
+
+
+def subscribe_flood(count: int) -> Probe:
+    """`count` subscribe requests to distinct public topics at once: how many were subscribed, then every other answer once."""
+
+    def probe(node: DaphneNode) -> str:
+        with ws_connect_sync(f"ws://{LOOPBACK}:{node.port}/ws/", close_timeout=2, max_queue=None) as ws:
+            for index in range(count):
+                try:
+                    ws.send(json.dumps({"type": "subscribe", "topic": f"public:flood{index}", "id": index}))
+                except ConnectionClosed:
+                    break  # closed mid-burst: what it said is still read below
+            replies = ws_replies(ws, count)
+            others = [summary for summary in dict.fromkeys(replies) if summary != "subscribed"]
+            return ", ".join([f"subscribed {replies.count('subscribed')}", *others])
+
+    return probe
+
+
+def token(*, key: str = TOKEN_SECRET, algorithm: str = "HS256", **claims: object) -> str:
+    """A JWT for the corpus node: `sub` "corpus" valid for a minute unless `claims` say otherwise."""
+    return jwt.encode({"sub": "corpus", "exp": int(time.time()) + 60, **claims}, key, algorithm=algorithm)
+
+
+def request(**fields: object) -> str:
+    return json.dumps(fields)
+
+
 def deep_json(depth: int) -> str:
     return '{"a":' + "[" * depth + "]" * depth + "}"
 
@@ -497,6 +546,114 @@ ROWS = [
         address_flood(most=MAX_CONNECTIONS_PER_IP + 1),
         "error too_many_connections, close 4013",
     ),
+    # Tokens: each refused one is answered `unauthorized` and close 4401, never a 500 or a 1011.
+    Row("token: valid, then a ping", ws_opened(f"/ws/?token={token()}"), "pong!, open"),
+    Row("token: garbage", ws_opened("/ws/?token=garbage"), "error unauthorized, close 4401"),
+    Row("token: empty", ws_opened("/ws/?token="), "error unauthorized, close 4401"),
+    Row(
+        "token: alg none",
+        ws_opened("/ws/?token=eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ."),
+        "error unauthorized, close 4401",
+    ),
+    Row(
+        "token: wrong signature",
+        ws_opened(f"/ws/?token={token(key='not-the-secret-' + 'x' * 40)}"),
+        "error unauthorized, close 4401",
+    ),
+    Row(
+        "token: HS512",
+        ws_opened(f"/ws/?token={token(key='k' * 64, algorithm='HS512')}"),
+        "error unauthorized, close 4401",
+    ),
+    Row(
+        "token: expired", ws_opened(f"/ws/?token={token(exp=int(time.time()) - 60)}"), "error unauthorized, close 4401"
+    ),
+    Row("token: no sub", ws_opened(f"/ws/?token={token(sub=None)}"), "error unauthorized, close 4401"),
+    Row("token: sub is a number", ws_opened(f"/ws/?token={token(sub=5)}"), "error unauthorized, close 4401"),
+    Row(
+        "token: topics is a string", ws_opened(f"/ws/?token={token(topics='user:x')}"), "error unauthorized, close 4401"
+    ),
+    Row("token: 5 KB", ws_opened("/ws/?token=" + "a" * 5000), "error unauthorized, close 4401"),
+    Row(
+        "token: 100 KB in the URL",
+        ws_opened("/ws/?token=" + "a" * 100_000),
+        "http 400 | http 414 | http 431 | dropped | error unauthorized, close 4401",
+    ),
+    Row(
+        "token: twice in the query", ws_opened(f"/ws/?token=garbage&token={token()}"), "error unauthorized, close 4401"
+    ),
+    Row("auth: token is a number", ws_texts(request(type="auth", token=5)), "error unauthorized, close 4401"),
+    Row("auth: no token", ws_texts(request(type="auth")), "error unauthorized, close 4401"),
+    Row("auth: valid", ws_texts(request(type="auth", token=token())), "authenticated, open"),
+    Row("refresh: anonymous", ws_texts(request(type="refresh", token=token())), "error bad_request, open"),
+    # Topics: every refusal is an error event; the connection stays open.
+    Row("subscribe: public topic", ws_texts(request(type="subscribe", topic="public:corpus")), "subscribed, open"),
+    Row(
+        "subscribe: topic of 129 characters",
+        ws_texts(request(type="subscribe", topic="public:" + "x" * 122)),
+        "error bad_topic, open",
+    ),
+    Row(
+        "subscribe: topic of 900 characters",
+        ws_texts(request(type="subscribe", topic="x" * 900)),
+        "error bad_topic, open",
+    ),
+    Row(
+        "subscribe: topic with a newline",
+        ws_texts(request(type="subscribe", topic="public:a\nb")),
+        "error bad_topic, open",
+    ),
+    Row(
+        "subscribe: topic with a lone surrogate",
+        ws_texts('{"type": "subscribe", "topic": "public:\\ud800"}'),
+        "error bad_topic, open",
+    ),
+    Row("subscribe: topic is null", ws_texts(request(type="subscribe", topic=None)), "error bad_topic, open"),
+    Row("subscribe: topic is an object", ws_texts(request(type="subscribe", topic={"a": 1})), "error bad_topic, open"),
+    Row("subscribe: no topic", ws_texts(request(type="subscribe")), "error bad_topic, open"),
+    Row(
+        "subscribe: unknown namespace",
+        ws_texts(request(type="subscribe", topic="admin:all")),
+        "error unknown_namespace, open",
+    ),
+    Row("subscribe: empty namespace", ws_texts(request(type="subscribe", topic=":x")), "error unknown_namespace, open"),
+    Row(
+        "subscribe: another user's topic, anonymous",
+        ws_texts(request(type="subscribe", topic="user:corpus")),
+        "error forbidden, open",
+    ),
+    Row(
+        "subscribe: another user's topic, with a token",
+        ws_texts(request(type="auth", token=token()), request(type="subscribe", topic="user:someone-else")),
+        "authenticated, error forbidden, open",
+    ),
+    Row(
+        "subscribe: over the subscription cap",
+        subscribe_flood(MAX_SUBSCRIPTIONS + 10),
+        f"subscribed {MAX_SUBSCRIPTIONS}, error too_many_subscriptions, open",
+    ),
+    Row(
+        "subscribe: thousands of requests",
+        subscribe_flood(2000),
+        f"subscribed {MAX_SUBSCRIPTIONS}, error too_many_subscriptions, error rate_limited, close 4008",
+    ),
+    Row(
+        "unsubscribe: not subscribed",
+        ws_texts(request(type="unsubscribe", topic="public:never")),
+        "error not_subscribed, open",
+    ),
+    Row(
+        "publish: a server-only namespace",
+        ws_texts(request(type="publish", topic="public:x", data=1)),
+        "error forbidden, open",
+    ),
+    Row("publish: no data", ws_texts(request(type="publish", topic="public:x")), "error bad_request, open"),
+    Row("request: unknown type with an id", ws_texts(request(type="subscribe!", id=1)), "error unknown_message, open"),
+    Row(
+        "request: type is a list",
+        ws_texts(request(type=["subscribe"], topic="public:x")),
+        "error unknown_message, open",
+    ),
     # The HTTP API.
     Row("broadcast: valid", api_broadcast("hello from the corpus"), "http 202, delivered"),
     Row("broadcast: not JSON", api(body=b"{"), "http 400"),
@@ -558,6 +715,8 @@ def node(module_daphne_nodes) -> DaphneNode:
             "PINGPONG_RATE_BURST": str(RATE_BURST),
             "PINGPONG_HTTP_IDLE_TIMEOUT": str(HTTP_IDLE_TIMEOUT),
             "PINGPONG_MAX_CONNECTIONS_PER_IP": str(MAX_CONNECTIONS_PER_IP),
+            "PINGPONG_TOKEN_SECRET": TOKEN_SECRET,
+            "PINGPONG_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS),
         }
     )
 
