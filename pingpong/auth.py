@@ -24,6 +24,6 @@ class SessionUserMiddleware(AuthMiddleware):
 
 
 # Named like Channels' AuthMiddlewareStack, which it replaces.
-def SessionAuthStack(inner: Any) -> Any:  # noqa: N802
+def SessionAuthStack(inner: Any) -> Any:
     """Cookies, the session and its user, as AuthMiddlewareStack, around `inner`."""
     return CookieMiddleware(SessionMiddleware(SessionUserMiddleware(inner)))
