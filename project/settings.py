@@ -164,7 +164,9 @@ PINGPONG_BROADCAST_TOKEN = env_str("PINGPONG_BROADCAST_TOKEN")
 PINGPONG_TOKEN_SECRET = env_str("PINGPONG_TOKEN_SECRET")
 if PINGPONG_TOKEN_SECRET and len(PINGPONG_TOKEN_SECRET.encode()) < 32:
     # RFC 7518 wants an HS256 key at least as long as the hash; a short one can be brute-forced.
-    sys.exit("pingpong: PINGPONG_TOKEN_SECRET must be at least 32 bytes (python -c 'import secrets; print(secrets.token_urlsafe(32))').")
+    sys.exit(
+        "pingpong: PINGPONG_TOKEN_SECRET must be at least 32 bytes (python -c 'import secrets; print(secrets.token_urlsafe(32))')."
+    )
 try:
     PINGPONG_NAMESPACES = json.loads(env_str("PINGPONG_NAMESPACES", "null"))
 except ValueError:
