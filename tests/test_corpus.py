@@ -357,7 +357,7 @@ def subscribe_flood(count: int) -> Probe:
 
 def token(*, key: str = TOKEN_SECRET, algorithm: str = "HS256", **claims: object) -> str:
     """A JWT for the corpus node: `sub` "corpus" valid for a minute unless `claims` say otherwise."""
-    return jwt.encode({"sub": "corpus", "exp": int(time.time()) + 60, **claims}, key, algorithm=algorithm)
+    return jwt.encode({"sub": "corpus", "exp": int(time.time()) + 86400, **claims}, key, algorithm=algorithm)
 
 
 def request(**fields: object) -> str:
