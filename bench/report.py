@@ -193,13 +193,14 @@ def table(rows: list[Row]) -> str:
         out += [
             "W5 topics fan-out (redis-server + nodes, token users on user:<i> + public:all, publications through the API)",
             "",
-            "| server | nodes | subscribed/clients | connect s | accepted/sent | not 202 | delivered/expected | % | duplicates | misrouted | latency p50 ms | p99 | max | user p99 | public:all p99 | client CPU | servers CPU |",
-            "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| server | nodes | subscribed/clients | subscribe retries | connect s | accepted/sent | not 202 | delivered/expected | % | duplicates | misrouted | latency p50 ms | p99 | max | user p99 | public:all p99 | client CPU | servers CPU |",
+            "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for r in w5:
             lat = r["latency_ms"]
             out.append(
-                f"| {r['server']} | {r['nodes']} | {r['subscribed']:,}/{r['clients']:,} | {r['connect_seconds']:.1f} "
+                f"| {r['server']} | {r['nodes']} | {r['subscribed']:,}/{r['clients']:,} | {sum(r['subscribe_retries'].values())} "
+                f"| {r['connect_seconds']:.1f} "
                 f"| {r['accepted']:,}/{r['sent']:,} | {statuses_cell(r)} | {r['delivered']:,}/{r['expected']:,} "
                 f"| {r['delivered_percent']} | {r['duplicates']} | {r['misrouted']} | {lat['p50']:.0f} | {lat['p99']:.0f} "
                 f"| {lat['max']:.0f} | {r['latency_user_ms']['p99']:.0f} | {r['latency_public_ms']['p99']:.0f} "

@@ -9,7 +9,7 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +351,8 @@ def w3_fanout(
 W5_PUBLIC_TOPIC = "public:all"
 #: Seconds for every client's two `subscribed` replies once all are connected.
 W5_SUBSCRIBE_WITHIN = 30.0
+#: Subscribe requests per topic: `unavailable` says "nothing changed, retry", and the client does.
+W5_SUBSCRIBE_ATTEMPTS = 3
 
 
 def user_topic(user: int) -> str:
@@ -375,8 +377,9 @@ class W5Deliveries:
     """What the W5 clients received, parsed as it arrives: each publication once per connection.
 
     A publication is keyed "topic id". Per client: the first arrival's latency (arrival -
-    `sent_at`), how many arrived again (duplicates), and how many were for a topic the client
-    never subscribed to (misrouted).
+    `sent_at`), how many arrived again (duplicates), how many were for a topic the client never
+    asked for (misrouted), the topics it was told it is subscribed to and the errors it got
+    as (code, request id).
     """
 
     def __init__(self, clients: dict[int, FanoutClient]) -> None:
@@ -384,7 +387,7 @@ class W5Deliveries:
         self.parsed = dict.fromkeys(clients, 0)
         self.first: dict[int, dict[str, float]] = {user: {} for user in clients}
         self.subscribed: dict[int, set[str]] = {user: set() for user in clients}
-        self.errors: dict[int, list[str]] = {user: [] for user in clients}
+        self.errors: dict[int, list[tuple[str, Any]]] = {user: [] for user in clients}
         self.duplicates = 0
         self.misrouted = 0
 
@@ -412,11 +415,11 @@ class W5Deliveries:
                 elif kind == protocol.EVENT_SUBSCRIBED:
                     self.subscribed[user].add(event["topic"])
                 elif kind == protocol.EVENT_ERROR:
-                    self.errors[user].append(f"error:{event.get('error')}")
+                    self.errors[user].append((str(event.get("error")), event.get("id")))
 
-    def delivered(self, accepted: set[str]) -> int:
-        """First arrivals of the `accepted` publication keys, over every client."""
-        return sum(1 for first in self.first.values() for key in first if key in accepted)
+    def delivered(self, accepted: set[str], users: Iterable[int]) -> int:
+        """First arrivals of the `accepted` publication keys at the clients of `users`."""
+        return sum(1 for user in users for key in self.first[user] if key in accepted)
 
 
 async def _w5_client(
@@ -435,6 +438,11 @@ async def _w5_client(
     user_tokens = tokens_issue([str(user) for user in range(clients)])
     opened: dict[int, FanoutClient] = {}
     failures: Counter[str] = Counter()
+    attempts: dict[int, Counter[str]] = {}
+
+    def subscribe(user: int, topic: str) -> None:
+        attempts.setdefault(user, Counter())[topic] += 1
+        opened[user].send_text(json.dumps({"type": protocol.REQUEST_SUBSCRIBE, "topic": topic, "id": topic}))
 
     async def one(user: int) -> None:
         node = nodes[user % len(nodes)]
@@ -446,9 +454,9 @@ async def _w5_client(
             except Exception as error:
                 failures[failure_name(error)] += 1
                 return
-        for topic in (user_topic(user), W5_PUBLIC_TOPIC):
-            client.send_text(json.dumps({"type": protocol.REQUEST_SUBSCRIBE, "topic": topic, "id": topic}))
         opened[user] = client
+        for topic in (user_topic(user), W5_PUBLIC_TOPIC):
+            subscribe(user, topic)
 
     async def report(what: Callable[[], str]) -> None:
         while True:
@@ -464,23 +472,31 @@ async def _w5_client(
     connect_seconds = loop.time() - started
 
     deliveries = W5Deliveries(opened)
-
-    def refusal(user: int) -> str | None:
-        """Why `user`'s client will not be subscribed to both topics; None while it may still be."""
-        if opened[user].close_code is not None:
-            return f"closed:{opened[user].close_code}"
-        return deliveries.errors[user][0] if deliveries.errors[user] else None
-
+    refused: dict[int, str] = {}
+    retries: Counter[str] = Counter()
+    handled = dict.fromkeys(opened, 0)
     waiting = list(opened)
     for _ in range(int(W5_SUBSCRIBE_WITHIN / 0.1)):
         deliveries.update()
-        waiting = [user for user in waiting if len(deliveries.subscribed[user]) < 2]
-        say(f"subscribing {len(opened) - len(waiting):,}/{len(opened):,}")
-        if all(refusal(user) for user in waiting):
+        for user in waiting:
+            errors = deliveries.errors[user]
+            for code, topic in errors[handled[user] :]:
+                kind = "public:all" if topic == W5_PUBLIC_TOPIC else "user:<i>"
+                if code == protocol.ERROR_UNAVAILABLE and attempts[user][topic] < W5_SUBSCRIBE_ATTEMPTS:
+                    retries[f"error:{code} on {kind}"] += 1
+                    subscribe(user, topic)
+                else:
+                    refused[user] = f"error:{code} on {kind}"
+            handled[user] = len(errors)
+            if opened[user].close_code is not None:
+                refused[user] = f"closed:{opened[user].close_code}"
+        waiting = [user for user in waiting if len(deliveries.subscribed[user]) < 2 and user not in refused]
+        say(f"subscribing {len(opened) - len(waiting) - len(refused):,}/{len(opened):,}")
+        if not waiting:
             break
         await asyncio.sleep(0.1)
-    subscribe_failures = Counter(refusal(user) or "no answer" for user in waiting)
-    subscribed = sorted(set(opened) - set(waiting))
+    subscribe_failures = Counter(refused.values()) + Counter("no answer" for _ in waiting)
+    subscribed = sorted(user for user in opened if len(deliveries.subscribed[user]) == 2 and user not in refused)
     await asyncio.sleep(1.0)
 
     # The schedule: user publications at `rate`, public ones at `public_rate` (offset by half a
@@ -528,7 +544,7 @@ async def _w5_client(
         delivered = 0
         for _ in range(int(drain / 0.1)):
             deliveries.update()
-            delivered = deliveries.delivered(accepted)
+            delivered = deliveries.delivered(accepted, subscribed)
             say(f"draining: delivered {delivered:,}/{expected():,}")
             if delivered >= expected():
                 break
@@ -538,12 +554,19 @@ async def _w5_client(
     window = loop.time() - sending_started
     client_cpu = cpu_seconds() - cpu_started
     deliveries.update()
-    delivered = deliveries.delivered(accepted)
+    delivered = deliveries.delivered(accepted, subscribed)
+    # Accepted publications that reached a connection never told it is subscribed to their topic.
+    delivered_unsubscribed = sum(
+        1
+        for user in opened
+        for key in deliveries.first[user]
+        if key in accepted and key.partition(" ")[0] not in deliveries.subscribed[user]
+    )
     closed_by_server = sum(1 for client in opened.values() if client.close_code is not None)
     latencies: dict[str, list[float]] = {"user": [], "public": []}
     unaccepted = 0
-    for first in deliveries.first.values():
-        for key, latency in first.items():
+    for user in subscribed:
+        for key, latency in deliveries.first[user].items():
             if key in accepted:
                 latencies["public" if key.startswith(W5_PUBLIC_TOPIC + " ") else "user"].append(latency)
             else:
@@ -558,6 +581,7 @@ async def _w5_client(
         "failures": dict(failures),
         "subscribed": len(subscribed),
         "subscribe_failures": dict(subscribe_failures),
+        "subscribe_retries": dict(retries),
         "connect_seconds": round(connect_seconds, 3),
         "rate": rate,
         "public_rate": public_rate,
@@ -575,6 +599,7 @@ async def _w5_client(
         "misrouted": deliveries.misrouted,
         # Publications the API did not answer 202 (504: outcome unknown) that arrived anyway.
         "delivered_unaccepted": unaccepted,
+        "delivered_unsubscribed": delivered_unsubscribed,
         "latency_ms": ms(percentiles(latencies["user"] + latencies["public"])),
         "latency_user_ms": ms(percentiles(latencies["user"])),
         "latency_public_ms": ms(percentiles(latencies["public"])),
