@@ -204,6 +204,7 @@ def summary(row: dict) -> str:
     lat = row["latency_ms"]
     if row["workload"] == "w5":
         return (
+            f"{row['subscribed']:,}/{row['clients']:,} subscribed (retries {row['subscribe_retries'] or 0}), "
             f"{row['accepted']}/{row['sent']} accepted {row['statuses']}, {row['delivered']:,}/{row['expected']:,} "
             f"delivered ({row['delivered_percent']}%), duplicates {row['duplicates']}, misrouted {row['misrouted']}, "
             f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, client CPU {report.client_cpu(row)}"
