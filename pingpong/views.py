@@ -1,7 +1,8 @@
-"""HTTP views: the page, health and readiness probes, the broadcast API."""
+"""HTTP views: the page, health and readiness probes, the broadcast and publish API."""
 
 import hmac
 import json
+from collections.abc import Awaitable
 from typing import Any
 
 import prometheus_client
@@ -12,12 +13,13 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
-from pingpong import broadcast, layer_calls, presence, protocol
+from pingpong import broadcast, layer_calls, presence, protocol, publishing, topics
 from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.metrics import exposition
 from pingpong.node import node
 from pingpong.presence import PresenceUnavailable
+from pingpong.topics import TopicRefused
 
 
 def error_response(status: int, error: str, detail: str, **headers: str) -> JsonResponse:
@@ -69,6 +71,59 @@ def bearer_token_matches(request: HttpRequest, expected: str) -> bool:
     return hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
+def api_token() -> str:
+    """The API's bearer token: PINGPONG_API_TOKEN, or its old name PINGPONG_BROADCAST_TOKEN when it is unset."""
+    return getattr(settings, "PINGPONG_API_TOKEN", "") or getattr(settings, "PINGPONG_BROADCAST_TOKEN", "")
+
+
+class ApiRefused(Exception):
+    """An API request answered with an error before anything is sent; `response` is the answer."""
+
+    def __init__(self, response: JsonResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def api_payload(request: HttpRequest, *, what: str) -> Any:
+    """The JSON body of an authorized POST to the API, or ApiRefused (405, 403, 401, 413, 400).
+
+    `what` names the refused action in the 403's sentence ("Broadcasting").
+    """
+    if request.method != "POST":
+        raise ApiRefused(error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use POST.", Allow="POST"))
+    token = api_token()
+    if not token:
+        detail = f"{what} is disabled: PINGPONG_API_TOKEN (or its old name PINGPONG_BROADCAST_TOKEN) is not set."
+        raise ApiRefused(error_response(403, protocol.ERROR_DISABLED, detail))
+    if not bearer_token_matches(request, token):
+        raise ApiRefused(
+            error_response(
+                401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
+            )
+        )
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise ApiRefused(error_response(413, protocol.ERROR_TOO_LARGE, "The request body is too large.")) from None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiRefused(error_response(400, protocol.ERROR_BAD_REQUEST, "The body is not valid JSON.")) from None
+
+
+async def api_send(send: Awaitable[dict[str, Any]], *, sent_id: str, what: str, **accepted: str) -> JsonResponse:
+    """Await a retry-safe send: 202 `{"status": "accepted", **accepted, "id"}`, or 503 / 504 with the id."""
+    try:
+        await send
+    except BroadcastOutcomeUnknown as error:
+        detail = f"The {what} may or may not have been sent ({error}); retry with the same id."
+        return JsonResponse({"error": protocol.ERROR_OUTCOME_UNKNOWN, "detail": detail, "id": sent_id}, status=504)
+    except ChannelLayerUnavailable as error:
+        detail = f"The channel layer is unavailable ({error}); nothing was sent."
+        return JsonResponse({"error": protocol.ERROR_UNAVAILABLE, "detail": detail, "id": sent_id}, status=503)
+    return JsonResponse({"status": "accepted", **accepted, "id": sent_id}, status=202)
+
+
 @csrf_exempt
 async def api_broadcast(request: HttpRequest) -> JsonResponse:
     """POST /api/broadcast {"text": "...", "id": "..."} with a bearer token: send it to every client.
@@ -76,35 +131,31 @@ async def api_broadcast(request: HttpRequest) -> JsonResponse:
     503 means nothing was sent; 504 means the outcome is unknown, and a retry with the same
     id is safe: each node delivers an id at most once (see pingpong.broadcast).
     """
-    if request.method != "POST":
-        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use POST.", Allow="POST")
-    token = settings.PINGPONG_BROADCAST_TOKEN
-    if not token:
-        return error_response(
-            403, protocol.ERROR_DISABLED, "Broadcasting is disabled: PINGPONG_BROADCAST_TOKEN is not set."
-        )
-    if not bearer_token_matches(request, token):
-        return error_response(
-            401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
-        )
     try:
-        body = request.body
-    except RequestDataTooBig:
-        return error_response(413, protocol.ERROR_TOO_LARGE, "The request body is too large.")
+        wanted = broadcast.request_from(api_payload(request, what="Broadcasting"))
+    except ApiRefused as refused:
+        return refused.response
+    except BroadcastInvalid as error:
+        return error_response(400, protocol.ERROR_BAD_REQUEST, str(error))
+    return await api_send(broadcast.send(text=wanted.text, broadcast_id=wanted.id), sent_id=wanted.id, what="broadcast")
+
+
+@csrf_exempt
+async def api_publish(request: HttpRequest) -> JsonResponse:
+    """POST /api/publish {"topic": T, "data": <JSON>, "id": "..."} with a bearer token: publish to T's subscribers.
+
+    The server may publish to any topic in a known namespace. 503 and 504 as for broadcasts.
+    """
     try:
-        wanted = broadcast.request_from(json.loads(body))
-    except (ValueError, RecursionError) as error:  # JSON errors and BroadcastInvalid
-        detail = str(error) if isinstance(error, BroadcastInvalid) else "The body is not valid JSON."
-        return error_response(400, protocol.ERROR_BAD_REQUEST, detail)
-    try:
-        event = await broadcast.send(text=wanted.text, broadcast_id=wanted.id)
-    except BroadcastOutcomeUnknown as error:
-        detail = f"The broadcast may or may not have been sent ({error}); retry with the same id."
-        return JsonResponse({"error": protocol.ERROR_OUTCOME_UNKNOWN, "detail": detail, "id": wanted.id}, status=504)
-    except ChannelLayerUnavailable as error:
-        detail = f"The channel layer is unavailable ({error}); nothing was sent."
-        return JsonResponse({"error": protocol.ERROR_UNAVAILABLE, "detail": detail, "id": wanted.id}, status=503)
-    return JsonResponse({"status": "accepted", "id": event["id"]}, status=202)
+        wanted = publishing.request_from(api_payload(request, what="Publishing"))
+        topics.namespace_for(wanted.topic)
+        topics.data_text(wanted.data)  # refused here, not as a failed send
+    except ApiRefused as refused:
+        return refused.response
+    except TopicRefused as error:
+        return error_response(400, error.error, str(error))
+    send = publishing.apublish(wanted.topic, wanted.data, id=wanted.id)
+    return await api_send(send, sent_id=wanted.id, what="publication", topic=wanted.topic)
 
 
 @never_cache

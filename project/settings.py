@@ -159,6 +159,9 @@ else:
     }
 
 # pingpong's own settings; names, defaults and meaning are listed in the README.
+# The bearer token of /api/broadcast and /api/publish; PINGPONG_BROADCAST_TOKEN is its old name,
+# read when PINGPONG_API_TOKEN is unset (PINGPONG_API_TOKEN wins when both are).
+PINGPONG_API_TOKEN = env_str("PINGPONG_API_TOKEN")
 PINGPONG_BROADCAST_TOKEN = env_str("PINGPONG_BROADCAST_TOKEN")
 # Signs connection tokens (pingpong.tokens); unset, none is issued or accepted.
 PINGPONG_TOKEN_SECRET = env_str("PINGPONG_TOKEN_SECRET")

@@ -10,5 +10,6 @@ urlpatterns = [
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),
     path("api/broadcast", views.api_broadcast, name="broadcast"),
+    path("api/publish", views.api_publish, name="publish"),
     path("api/stats", views.api_stats, name="stats"),
 ]
