@@ -57,11 +57,12 @@ def users_create(database: str, count: int = 2) -> list[User]:
     code = (
         "from django.contrib.auth import get_user_model\n"
         f"for name, password in {wanted!r}:\n"
-        "    print(get_user_model().objects.create_user(name, password=password).pk)\n"
+        "    print('pk', get_user_model().objects.create_user(name, password=password).pk)\n"
     )
     done = manage("shell", "-c", code, env={"DATABASE_URL": database})
     assert done.returncode == 0, done.stderr
-    return [User(name, password, int(pk)) for (name, password), pk in zip(wanted, done.stdout.split(), strict=True)]
+    pks = re.findall(r"^pk (\d+)$", done.stdout, re.MULTILINE)  # the shell may print more (its auto-imports)
+    return [User(name, password, int(pk)) for (name, password), pk in zip(wanted, pks, strict=True)]
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
