@@ -115,7 +115,7 @@ async def subscribe(node: DaphneNode, topic: str, *, session: str | None) -> dic
         return await answer(ws, {"type": protocol.REQUEST_SUBSCRIBE, "topic": topic, "id": 1})
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database(request) -> Iterator[str]:
     """A migrated database: the test nodes' shared SQLite, or a fresh PostgreSQL owned by the module."""
     if request.param == "sqlite":
@@ -234,6 +234,7 @@ def started_together(nodes: list[ServerProcess]) -> list[BaseException]:
     return errors
 
 
+@pytest.mark.postgres
 def test_replicas_starting_at_once_on_a_fresh_postgres_migrate_it_once_and_all_serve(postgres):
     postgres.start()
     database = postgres.database_create("fresh")
@@ -249,6 +250,7 @@ def test_replicas_starting_at_once_on_a_fresh_postgres_migrate_it_once_and_all_s
             node.close()
 
 
+@pytest.mark.postgres
 def test_serve_migrate_waits_for_a_database_that_is_not_up_yet(postgres):
     postgres.requested_port = postgres.port = free_port()
     node = migrating_node(postgres.url("postgres"))
