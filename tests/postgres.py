@@ -114,4 +114,3 @@ class PostgresServer(ServerProcess):
     def close(self, *, keep_log: bool = False) -> None:
         super().close(keep_log=keep_log)
         shutil.rmtree(self.dir, ignore_errors=True)
-

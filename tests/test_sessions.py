@@ -216,14 +216,14 @@ def postgres() -> Iterator[PostgresServer]:
         server.close()
 
 
-def started_together(nodes: list[ServerProcess]) -> list[BaseException]:
+def started_together(nodes: list[ServerProcess]) -> list[Exception]:
     """Start every node from its own thread at once; the errors raised."""
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def start(node: ServerProcess) -> None:
         try:
             node.start(timeout=90)
-        except BaseException as error:  # noqa: BLE001 - reported to the test
+        except Exception as error:  # reported to the test, not lost in the thread
             errors.append(error)
 
     threads = [threading.Thread(target=start, args=(node,)) for node in nodes]
