@@ -40,7 +40,7 @@ from tests.processes import (
     serve_command,
     wait_until,
 )
-from tests.wsclient import next_event, ws_connect
+from tests.wsclient import close_code, next_event, ws_connect
 
 on_both_servers = pytest.mark.parametrize("server", SERVERS, scope="module")
 
@@ -193,6 +193,29 @@ def test_the_login_page_knows_the_logged_in_user(node, database):
     assert re.search(rf"Logged in as <strong>{re.escape(user.username)}</strong>", body)
 
 
+@pytest.mark.postgres
+async def test_a_session_handshake_while_the_database_is_down_gets_unavailable_and_4013_then_works_when_it_is_back(
+    postgres, daphne_nodes
+):
+    postgres.start()
+    database = postgres.database_create("outage")
+    assert manage("migrate", "--noinput", env={"DATABASE_URL": database}).returncode == 0
+    node = daphne_nodes(env={"DATABASE_URL": database})
+    (user,) = users_create(database, 1)
+    browser = Browser(node.http)
+    assert browser.login(user)[0] == 302
+    session = browser.cookie("sessionid")
+    postgres.kill()
+    async with await ws_connect(node.ws, additional_headers={"Cookie": f"sessionid={session}"}) as ws:
+        assert (await next_event(ws))["error"] == protocol.ERROR_UNAVAILABLE
+        assert await close_code(ws) == protocol.CloseCode.TRY_AGAIN_LATER
+    # Anonymous connections read no database.
+    assert (await subscribe(node, "public:news", session=None))["type"] == protocol.EVENT_SUBSCRIBED
+    postgres.start()  # on the same port
+    assert (await subscribe(node, f"user:{user.pk}", session=session))["type"] == protocol.EVENT_SUBSCRIBED
+    assert "Traceback" not in node.output()
+
+
 # --- serve --migrate: what the Docker image runs at start ---
 
 
@@ -255,11 +278,13 @@ def test_serve_migrate_waits_for_a_database_that_is_not_up_yet(postgres):
     postgres.requested_port = postgres.port = free_port()
     node = migrating_node(postgres.url("postgres"))
     try:
-        starting = threading.Thread(target=lambda: started_together([node]) and None)
+        errors: list[Exception] = []
+        starting = threading.Thread(target=lambda: errors.extend(started_together([node])))
         starting.start()
         wait_until(lambda: "database not ready" in node.output(), timeout=30, what="serve --migrate to retry")
         postgres.start()
         starting.join(timeout=scaled(120))
+        assert not errors
         assert healthy(f"http://{LOOPBACK}:{node.port}"), node.output()[-2000:]
         assert "database migrated (postgresql)" in node.output()
     finally:
