@@ -106,6 +106,10 @@ def test_load_balancer_upgrades_websockets_and_sets_the_client_ip_header():
     assert f"proxy_set_header {header} $remote_addr;" in NGINX
 
 
+def test_load_balancer_passes_the_host_with_its_port_for_the_login_forms_csrf_origin_check():
+    assert "proxy_set_header Host $http_host;" in NGINX
+
+
 def test_load_balancer_read_timeout_outlasts_the_heartbeat():
     heartbeat = float(APP_ENV["PINGPONG_PING_INTERVAL"]) + float(APP_ENV["PINGPONG_PING_TIMEOUT"])
     read_timeout = seconds(re.search(r"proxy_read_timeout\s+(\S+);", NGINX).group(1))

@@ -82,11 +82,13 @@ class Browser:
 
     def request(self, path: str, fields: dict[str, str] | None = None) -> tuple[int, str, str]:
         """GET `path`, or POST `fields` with the CSRF token; (status, Location, body)."""
-        body = None
+        body, headers = None, {}
         if fields is not None:
             body = urllib.parse.urlencode({**fields, "csrfmiddlewaretoken": self.cookie("csrftoken") or ""}).encode()
+            headers["Origin"] = self.http  # as a browser sends with a form; Django's CSRF check compares it
+        request = urllib.request.Request(f"{self.http}{path}", data=body, headers=headers)
         try:
-            with self.opener.open(f"{self.http}{path}", data=body, timeout=scaled(10)) as response:
+            with self.opener.open(request, timeout=scaled(10)) as response:
                 return response.status, "", response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.headers.get("Location", ""), error.read().decode()
