@@ -195,6 +195,7 @@ def test_the_login_page_knows_the_logged_in_user(node, database):
     assert re.search(rf"Logged in as <strong>{re.escape(user.username)}</strong>", body)
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 async def test_a_session_handshake_while_the_database_is_down_gets_unavailable_and_4013_then_works_when_it_is_back(
     postgres, daphne_nodes
@@ -259,6 +260,7 @@ def started_together(nodes: list[ServerProcess]) -> list[Exception]:
     return errors
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_replicas_starting_at_once_on_a_fresh_postgres_migrate_it_once_and_all_serve(postgres):
     postgres.start()
@@ -275,6 +277,7 @@ def test_replicas_starting_at_once_on_a_fresh_postgres_migrate_it_once_and_all_s
             node.close()
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_serve_migrate_waits_for_a_database_that_is_not_up_yet(postgres):
     postgres.requested_port = postgres.port = free_port()
