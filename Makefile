@@ -24,7 +24,7 @@ run: $(BASE)
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py serve --host 127.0.0.1 --port 8000
 
-## test: the whole suite (Redis and browser tests skip without redis-server / chromium unless required)
+## test: the whole suite (Redis, browser and PostgreSQL tests skip without redis-server / chromium / initdb unless required)
 test: $(DEV)
 	$(BIN)/python -m pytest
 
