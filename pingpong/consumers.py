@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 from channels.exceptions import AcceptConnection, DenyConnection
 
 from pingpong import broadcast, layer_calls, metrics, protocol, tokens, topics
+from pingpong.auth import SESSION_UNAVAILABLE
 from pingpong.broadcast import BroadcastOutcomeUnknown
 from pingpong.conf import setting
 from pingpong.layer_calls import ChannelLayerUnavailable
@@ -212,6 +213,14 @@ class PingPongConsumer(GuardedWebsocketConsumer):
                 await self.refuse_token(str(error))
                 return
             self.identity = token_identity(claims)
+        elif SESSION_UNAVAILABLE in self.scope:
+            # The browser has a session, but its user could not be read: anonymous would be wrong.
+            await self.refuse(
+                protocol.CloseCode.TRY_AGAIN_LATER,
+                protocol.ERROR_UNAVAILABLE,
+                "The session could not be read (the database is unreachable); try again later.",
+            )
+            return
         await self.accept()
         self.watch_token()
 

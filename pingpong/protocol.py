@@ -21,7 +21,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 4008  # 1008: over the per-connection rate limit
     MESSAGE_TOO_BIG = 4009  # 1009: over PINGPONG_MAX_MESSAGE_BYTES
     SERVICE_RESTART = 4012  # 1012: the node is draining (SIGTERM)
-    TRY_AGAIN_LATER = 4013  # 1013: node full, address at its cap, or channel layer unreachable
+    TRY_AGAIN_LATER = 4013  # 1013: node full, address at its cap, channel layer or a session's database unreachable
     # No RFC 6455 code means "you read too slowly", so this one sits outside the 4000 + RFC range.
     SLOW_CONSUMER = 4100  # more than PINGPONG_MAX_PENDING_BYTES waited for the client
     # Like HTTP 401: a bad, expired or wrongly signed token. Get a new token, then reconnect.
