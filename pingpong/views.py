@@ -12,12 +12,13 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
-from pingpong import broadcast, layer_calls, presence, protocol
+from pingpong import broadcast, layer_calls, presence, protocol, topic_presence
 from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.metrics import exposition
 from pingpong.node import node
 from pingpong.presence import PresenceUnavailable
+from pingpong.topics import TopicRefused
 
 
 def error_response(status: int, error: str, detail: str, **headers: str) -> JsonResponse:
@@ -67,6 +68,46 @@ def bearer_token_matches(request: HttpRequest, expected: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+def api_token() -> str:
+    """The bearer token of the server API: PINGPONG_API_TOKEN, or its older name PINGPONG_BROADCAST_TOKEN."""
+    return str(getattr(settings, "PINGPONG_API_TOKEN", "") or settings.PINGPONG_BROADCAST_TOKEN or "")
+
+
+def api_refusal(request: HttpRequest) -> JsonResponse | None:
+    """403 when no API token is configured, 401 when the request does not carry it; None when it does."""
+    token = api_token()
+    if not token:
+        return error_response(403, protocol.ERROR_DISABLED, "The API is disabled: no API token is set.")
+    if not bearer_token_matches(request, token):
+        return error_response(
+            401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
+        )
+    return None
+
+
+# HTTP statuses of the topic refusals the presence API can meet.
+_REFUSAL_STATUS = {
+    protocol.ERROR_BAD_TOPIC: 400,
+    protocol.ERROR_BAD_REQUEST: 400,
+    protocol.ERROR_UNKNOWN_NAMESPACE: 404,
+    protocol.ERROR_UNAVAILABLE: 503,
+}
+
+
+@never_cache
+async def api_presence(request: HttpRequest, topic: str) -> JsonResponse:
+    """GET /api/presence/<topic> with the API token: who is subscribed (see pingpong.topic_presence)."""
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use GET.", Allow="GET, HEAD")
+    refusal = api_refusal(request)
+    if refusal is not None:
+        return refusal
+    try:
+        return JsonResponse(await topic_presence.listing(topic))
+    except TopicRefused as refused:
+        return error_response(_REFUSAL_STATUS.get(refused.error, 400), refused.error, str(refused))
 
 
 @csrf_exempt
