@@ -322,9 +322,10 @@ class RedisRegistry:
         return entries
 
     async def run(self) -> None:
-        """Heartbeat every refresh interval and sweep every SWEEP_SECONDS, until cancelled."""
+        """Heartbeat every refresh interval and sweep every SWEEP_SECONDS (or interval, if shorter), until cancelled."""
         loop = asyncio.get_running_loop()
         interval = presence.refresh_interval(self.ttl)
+        tick = min(SWEEP_SECONDS, interval)
         next_heartbeat = loop.time()
         while True:
             if loop.time() >= next_heartbeat:
@@ -339,7 +340,7 @@ class RedisRegistry:
                 await send_events(protocol.EVENT_LEAVE, gone)
                 if len(gone) < SWEEP_BATCH:
                     break
-            await asyncio.sleep(SWEEP_SECONDS)
+            await asyncio.sleep(tick)
 
     async def read(self, topic: str, *, limit: int) -> tuple[int, int, list[Member]]:
         try:

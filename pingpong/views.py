@@ -96,6 +96,7 @@ _REFUSAL_STATUS = {
 }
 
 
+@csrf_exempt  # a bearer-token API: no cookie, so no CSRF; other methods get 405, not CSRF's 403
 @never_cache
 async def api_presence(request: HttpRequest, topic: str) -> JsonResponse:
     """GET /api/presence/<topic> with the API token: who is subscribed (see pingpong.topic_presence)."""
