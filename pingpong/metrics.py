@@ -85,7 +85,16 @@ class LoopHistogram:
 RECEIVED = {
     kind: LoopCounter()
     for kind in (
-        "ping", "json_ping", "other", "binary", "subscribe", "unsubscribe", "publish", "presence", "auth", "refresh"
+        "ping",
+        "json_ping",
+        "other",
+        "binary",
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "presence",
+        "auth",
+        "refresh",
     )
 }
 SENT = {kind: LoopCounter() for kind in ("pong", "error", "broadcast", "echo", "publication")}

@@ -263,7 +263,9 @@ class RedisRegistry:
             try:
                 await self.write(changes)
             except PRESENCE_ERRORS as error:
-                failure = presence.PresenceUnavailable(f"Redis did not record presence: {error or type(error).__name__}")
+                failure = presence.PresenceUnavailable(
+                    f"Redis did not record presence: {error or type(error).__name__}"
+                )
                 for _, _, done in batch:
                     if not done.done():
                         done.set_exception(failure)
@@ -455,7 +457,12 @@ async def listing(topic: str) -> Listing:
 def event_message(kind: str, entry: Entry) -> dict[str, Any]:
     """The channel-layer message carrying a `join` or `leave` event to the topic's subscribers."""
     event = {"type": kind, "topic": entry.topic, "user": entry.user, "client": entry.client}
-    return {"type": protocol.PRESENCE_MESSAGE, "topic": entry.topic, "client": entry.client, "event": protocol.encode_event(event)}
+    return {
+        "type": protocol.PRESENCE_MESSAGE,
+        "topic": entry.topic,
+        "client": entry.client,
+        "event": protocol.encode_event(event),
+    }
 
 
 async def send_events(kind: str, entries: list[Entry]) -> None:

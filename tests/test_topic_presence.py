@@ -260,7 +260,11 @@ async def test_redis_entries_are_counted_per_connection_and_per_user(redis_regis
     for client, user in (("c1", "alice"), ("c2", "alice"), ("c3", None)):
         await registry.add(topic_presence.Entry("lobby:r", client, user))
     connections, users, listed = await registry.read("lobby:r", limit=2)
-    assert (connections, users, listed) == (3, 1, [{"client": "c1", "user": "alice"}, {"client": "c2", "user": "alice"}])
+    assert (connections, users, listed) == (
+        3,
+        1,
+        [{"client": "c1", "user": "alice"}, {"client": "c2", "user": "alice"}],
+    )
     await registry.remove(topic_presence.Entry("lobby:r", "c1", "alice"))
     await registry.remove(topic_presence.Entry("lobby:r", "c2", "alice"))
     assert await registry.read("lobby:r", limit=10) == (1, 0, [{"client": "c3", "user": None}])
