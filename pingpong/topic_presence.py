@@ -55,6 +55,9 @@ BATCH_OPS: Final = 1_000
 SWEEP_BATCH: Final = 1_000
 SWEEPS_PER_TICK: Final = 10
 SWEEP_SECONDS: Final = 1.0
+# Removals kept for a retry while Redis fails (one per entry that may be left in Redis); past it the
+# oldest is dropped with a warning, and its entry stays until this process's own entries expire.
+MAX_RETRIES: Final = 100_000
 
 # Changes as (op, entry): "+" records an entry, "-" removes one. Each change is idempotent.
 ADD: Final = "+"
@@ -213,7 +216,8 @@ class RedisRegistry:
         self.instance = f"{presence.node_name()}/{uuid.uuid4().hex[:8]}"
         self.entries: dict[tuple[str, str], str | None] = {}  # (topic, client) -> user: what this process holds
         self.queue: list[tuple[str, Entry, asyncio.Future[None]]] = []
-        self.retry: list[Entry] = []  # removals whose write failed: written again at the next heartbeat
+        # Removals whose write failed, written again at the next heartbeat (insertion-ordered, at most MAX_RETRIES).
+        self.retry: dict[Entry, None] = {}
         self.flusher: asyncio.Task[None] | None = None
         self.written = False  # this instance has written to Redis (so a missing heartbeat means it was swept)
         self.swept = False
@@ -235,7 +239,7 @@ class RedisRegistry:
         except presence.PresenceUnavailable:
             # The write may have landed before the answer was lost: undo it with the next batch.
             self.entries.pop((entry.topic, entry.client), None)
-            self.retry.append(entry)
+            self.retry_later(entry)
             raise
 
     async def remove(self, entry: Entry) -> None:
@@ -244,7 +248,14 @@ class RedisRegistry:
         try:
             await self.submit(REMOVE, entry)
         except presence.PresenceUnavailable:
-            self.retry.append(entry)
+            self.retry_later(entry)
+
+    def retry_later(self, entry: Entry) -> None:
+        self.retry[entry] = None
+        if len(self.retry) > MAX_RETRIES:
+            dropped = next(iter(self.retry))
+            del self.retry[dropped]
+            logger.warning("topic presence: over %d removals to retry; dropping %s", MAX_RETRIES, dropped)
 
     def submit(self, op: str, entry: Entry) -> "asyncio.Future[None]":
         loop = asyncio.get_running_loop()
@@ -287,14 +298,15 @@ class RedisRegistry:
 
     async def heartbeat(self) -> None:
         """Push this instance's expiry forward (one call), retry failed removals, rewrite all if it was swept."""
-        retry, self.retry = self.retry, []
+        retry, self.retry = self.retry, {}
         changes = [(REMOVE, entry) for entry in retry if (entry.topic, entry.client) not in self.entries]
         try:
             for start in range(0, max(len(changes), 1), BATCH_OPS):
                 await self.write(changes[start : start + BATCH_OPS])
         except PRESENCE_ERRORS as error:
             logger.warning("topic presence: cannot refresh in Redis: %s", error or type(error).__name__)
-            self.retry = retry + self.retry
+            for entry in retry:
+                self.retry_later(entry)
             return
         if self.swept:
             self.swept = False
@@ -418,9 +430,12 @@ async def join(namespace: Namespace, *, topic: str, client: str, user: str | Non
 
 async def leave(subscriptions: "set[str] | list[str]", *, client: str) -> None:
     """Forget `client`'s entries for `subscriptions`, then send `leave` where the namespace asks for it."""
+    tracked = [topic for topic in subscriptions if is_tracked(topic)]
+    if not tracked:
+        return  # no registry made for connections that never held an entry
     found = registry()
     entries: list[Entry] = []
-    for topic in subscriptions:
+    for topic in tracked:
         held, user = found.user_of(topic, client)
         if held:
             entries.append(Entry(topic=topic, client=client, user=user))
@@ -452,6 +467,14 @@ async def listing(topic: str) -> Listing:
     return Listing(
         topic=topic, connections=connections, users=users, clients=listed, truncated=len(listed) < connections
     )
+
+
+def is_tracked(topic: str) -> bool:
+    """Whether subscriptions to `topic` are recorded (its namespace has presence or join_leave)."""
+    try:
+        return topics.namespace_for(topic).tracked
+    except TopicRefused:
+        return False
 
 
 def event_message(kind: str, entry: Entry) -> dict[str, Any]:
