@@ -14,7 +14,7 @@ from websockets.asyncio.client import ClientConnection
 
 from pingpong import presence, protocol, tokens, topic_presence, topics
 from tests.communicators import connected
-from tests.processes import DaphneNode, RedisServer, http_request, scaled
+from tests.processes import DaphneNode, RedisServer, free_port, http_request, scaled
 from tests.wsclient import next_event, ws_connect
 
 SECRET = "presence-test-secret-" + "0123456789abcdef" * 4
@@ -460,3 +460,30 @@ async def test_a_refresh_is_one_round_trip_whatever_the_number_of_connections(re
         await close_all(clients)
     assert calls["zadd"] < 2 * window / presence.refresh_interval(TEST_TTL) + 5, calls
     assert sum(calls.values()) < REFRESH_CONNECTIONS / 3, calls
+
+
+@pytest.fixture
+async def unreachable_redis(settings):
+    """REDIS_URL names a port nothing listens on (the channel layer stays the embedded one)."""
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
+    yield
+    await topic_presence.stop()
+    client = presence._clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.aclose()
+
+
+async def test_an_entry_redis_cannot_record_is_refused_as_unavailable_and_kept_nowhere(unreachable_redis):
+    with pytest.raises(topics.TopicRefused) as refused:
+        await topic_presence.join(topics.namespaces()["room"], topic="room:down", client="c1", user="ann")
+    assert refused.value.error == protocol.ERROR_UNAVAILABLE
+    assert topic_presence.registry().user_of("room:down", "c1") == (False, None)
+
+
+async def test_a_subscribe_redis_cannot_record_is_answered_unavailable_and_delivers_nothing(unreachable_redis, clients):
+    ws = await clients()
+    event = await ask(ws, type="subscribe", topic="room:down", id=1)
+    assert (event["type"], event["error"], event["id"]) == ("error", protocol.ERROR_UNAVAILABLE, 1)
+    await topics.apublish("room:down", "not for you")
+    assert await ws.receive_nothing(timeout=0.1)
+    assert (await ask(ws, type="presence", topic="room:down"))["error"] == protocol.ERROR_NOT_SUBSCRIBED
