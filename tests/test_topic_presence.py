@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import signal
 import time
 from collections import Counter
 
@@ -487,3 +488,21 @@ async def test_a_subscribe_redis_cannot_record_is_answered_unavailable_and_deliv
     await topics.apublish("room:down", "not for you")
     assert await ws.receive_nothing(timeout=0.1)
     assert (await ask(ws, type="presence", topic="room:down"))["error"] == protocol.ERROR_NOT_SUBSCRIBED
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_a_draining_nodes_connections_leave_at_once_and_leave_nothing_in_redis(cluster, redis_server):
+    node_a, node_b = cluster
+    ann = await user_on(node_a, "ann", "room:d")
+    bob = await user_on(node_b, "bob", "room:d")
+    try:
+        await events_until(ann, "join", 1, within=5)
+        node_b.signal(signal.SIGTERM)  # drain: its clients are closed, each unsubscribes on the way out
+        (leave,) = await events_until(ann, "leave", 1, within=10)
+        assert leave["user"] == "bob"
+        assert node_b.wait(timeout=20) == 0
+        assert (await api_presence(node_a, "room:d"))["connections"] == 1
+        assert not await events_until_quiet(ann, "leave", seconds=2 * TEST_TTL)  # the sweep finds nothing more
+    finally:
+        await close_all([ann, bob])
