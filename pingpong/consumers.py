@@ -10,7 +10,7 @@ from urllib.parse import parse_qs
 
 from channels.exceptions import AcceptConnection, DenyConnection
 
-from pingpong import broadcast, layer_calls, metrics, protocol, tokens, topics
+from pingpong import broadcast, layer_calls, metrics, protocol, tokens, topic_presence, topics
 from pingpong.auth import SESSION_UNAVAILABLE
 from pingpong.broadcast import BroadcastOutcomeUnknown
 from pingpong.conf import setting
@@ -253,7 +253,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
                 text_data=protocol.error_event(
                     protocol.ERROR_UNKNOWN_MESSAGE,
                     'Send the text "ping" (answered with "pong!") or a JSON request: {"type": "ping"}, '
-                    '"subscribe", "unsubscribe", "publish", "auth" or "refresh" (see the README).',
+                    '"subscribe", "unsubscribe", "publish", "presence", "auth" or "refresh" (see the README).',
                     request.get("id") if request is not None else None,
                 )
             )
@@ -269,7 +269,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         if topic in self.subscriptions:
             await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic)
             return
-        await topics.authorize(self.identity, "subscribe", topic)
+        namespace = await topics.authorize(self.identity, "subscribe", topic)
         limit = setting("PINGPONG_MAX_SUBSCRIPTIONS")
         if len(self.subscriptions) >= limit:
             raise TopicRefused(
@@ -285,6 +285,11 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             raise TopicRefused(
                 protocol.ERROR_UNAVAILABLE, f"The channel layer is unreachable ({error}); retry."
             ) from None
+        try:
+            await topic_presence.join(namespace, topic=topic, client=self.connection_id, user=self.identity.user_id)
+        except TopicRefused:
+            await self.leave_topic(topic)
+            raise
         self.subscriptions.add(topic)
         await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic)
 
@@ -294,6 +299,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             raise TopicRefused(protocol.ERROR_NOT_SUBSCRIBED, "This connection is not subscribed to that topic.")
         self.subscriptions.discard(topic)
         await self.leave_topic(topic)
+        await topic_presence.leave([topic], client=self.connection_id)
         await self.reply(protocol.EVENT_UNSUBSCRIBED, request, topic=topic)
 
     async def publish(self, request: Message) -> None:
@@ -313,6 +319,13 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             ) from None
         await self.reply(protocol.EVENT_PUBLISHED, request, topic=topic)
 
+    async def presence(self, request: Message) -> None:
+        """Who is subscribed to a topic this connection subscribes to (a namespace with presence)."""
+        topic = topics.valid_topic(request.get("topic"))
+        if topic not in self.subscriptions:
+            raise TopicRefused(protocol.ERROR_NOT_SUBSCRIBED, "Subscribe to the topic first to see its presence.")
+        await self.reply(protocol.EVENT_PRESENCE, request, **await topic_presence.listing(topic))
+
     async def auth(self, request: Message) -> None:
         if self.identity.is_authenticated:
             raise TopicRefused(protocol.ERROR_BAD_REQUEST, "This connection has a user already; send refresh.")
@@ -327,6 +340,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         protocol.REQUEST_SUBSCRIBE: subscribe,
         protocol.REQUEST_UNSUBSCRIBE: unsubscribe,
         protocol.REQUEST_PUBLISH: publish,
+        protocol.REQUEST_PRESENCE: presence,
         protocol.REQUEST_AUTH: auth,
         protocol.REQUEST_REFRESH: refresh,
     }
@@ -406,6 +420,11 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             metrics.SENT_PUBLICATION.inc()
             await self.send(text_data=message["event"])
 
+    async def topic_join_leave(self, message: Message) -> None:
+        """Another connection's join or leave on a subscribed topic; a connection's own join is not echoed."""
+        if message.get("topic") in self.subscriptions and message.get("client") != self.connection_id:
+            await self.send(text_data=message["event"])
+
     async def leave_topic(self, topic: str) -> None:
         assert self.channel_layer is not None
         try:
@@ -427,6 +446,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         self.subscriptions = set()
         for topic in subscriptions:
             await self.leave_topic(topic)
+        await topic_presence.leave(subscriptions, client=self.connection_id)
 
 
 class EchoConsumer(GuardedWebsocketConsumer):

@@ -89,6 +89,9 @@ REQUEST_REFRESH: Final = "refresh"  # {"type": "refresh", "token": ...}: a later
 REQUEST_SUBSCRIBE: Final = "subscribe"
 REQUEST_UNSUBSCRIBE: Final = "unsubscribe"
 REQUEST_PUBLISH: Final = "publish"
+# {"type": "presence", "topic": ...}: who is subscribed to a topic this connection subscribes to,
+# in a namespace with "presence" (else ERROR_BAD_REQUEST; unsubscribed: ERROR_NOT_SUBSCRIBED).
+REQUEST_PRESENCE: Final = "presence"
 
 # Event types of the JSON text events the server pushes (`pong!` stays plain text).
 EVENT_BROADCAST: Final = "broadcast"
@@ -100,6 +103,18 @@ EVENT_SUBSCRIBED: Final = "subscribed"
 EVENT_UNSUBSCRIBED: Final = "unsubscribed"
 EVENT_PUBLISHED: Final = "published"
 EVENT_PUBLICATION: Final = "publication"
+EVENT_PRESENCE: Final = "presence"  # {"topic", "connections", "users", "clients": [{"client", "user"}], "truncated"}
+# In a namespace with "join_leave": {"type": "join"|"leave", "topic", "user", "client"} when another
+# connection subscribes, or unsubscribes, disconnects or dies with its node (a connection's own join is not echoed).
+EVENT_JOIN: Final = "join"
+EVENT_LEAVE: Final = "leave"
+
+# Channel-layer message type for a join or leave event; handled by `topic_join_leave`.
+PRESENCE_MESSAGE: Final = "topic.join_leave"
+# A presence answer lists at most this many connections, and at most this many bytes of their
+# ids (a user id may be long); its counts are always exact, and "truncated" says a list was cut.
+PRESENCE_LIST_MAX: Final = 100
+PRESENCE_LIST_MAX_BYTES: Final = 32 * 1024
 
 # A connection with a token is warned this many seconds before the token expires (at once when
 # it has less left), and closed with 4401 at `exp` unless it sent a refresh.

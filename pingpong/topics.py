@@ -32,10 +32,15 @@ SUBSCRIBE_RULES: Final = ("anyone", "authenticated", "owner", "token")
 # Who may publish to it from a websocket ("server": only the API and pingpong.publish).
 PUBLISH_RULES: Final = ("server", "authenticated", "anyone")
 
+# Presence (who is subscribed) and join/leave events are off by default: on a public topic
+# they would show every reader to every other; a namespace config turns them on.
 DEFAULT_NAMESPACES: Final[dict[str, dict[str, Any]]] = {
     "public": {"subscribe": "anyone", "publish": "server"},
     "user": {"subscribe": "owner", "publish": "server"},
 }
+# The namespace fields a PINGPONG_NAMESPACES entry may set.
+NAMESPACE_RULES: Final = frozenset({"subscribe", "publish"})
+NAMESPACE_FLAGS: Final = frozenset({"presence", "join_leave"})
 
 
 class TopicRefused(ValueError):
@@ -51,6 +56,13 @@ class Namespace:
     name: str
     subscribe: str = "anyone"
     publish: str = "server"
+    presence: bool = False  # who is subscribed: GET /api/presence/<topic> and the "presence" request
+    join_leave: bool = False  # subscribers get "join" and "leave" events
+
+    @property
+    def tracked(self) -> bool:
+        """Whether this namespace's subscriptions are recorded (pingpong.topic_presence)."""
+        return self.presence or self.join_leave
 
 
 @dataclass(frozen=True)
@@ -78,10 +90,13 @@ def namespaces_from(config: Mapping[str, Any] | None) -> dict[str, Namespace]:
     for name, rules in merged.items():
         if rules is None:
             continue
-        if not isinstance(rules, dict) or set(rules) - {"subscribe", "publish"}:
+        if not isinstance(rules, dict) or set(rules) - NAMESPACE_RULES - NAMESPACE_FLAGS:
             raise ImproperlyConfigured(
-                f'PINGPONG_NAMESPACES["{name}"] must be an object with "subscribe" and "publish" rules.'
+                f'PINGPONG_NAMESPACES["{name}"] must be an object with "subscribe" and "publish" rules '
+                'and optionally "presence" and "join_leave" (true or false).'
             )
+        if any(not isinstance(rules[flag], bool) for flag in NAMESPACE_FLAGS & set(rules)):
+            raise ImproperlyConfigured(f'PINGPONG_NAMESPACES["{name}"]: "presence" and "join_leave" are true or false.')
         namespace = Namespace(name=name, **rules)
         if namespace.subscribe not in SUBSCRIBE_RULES or namespace.publish not in PUBLISH_RULES:
             raise ImproperlyConfigured(

@@ -13,7 +13,7 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
-from pingpong import broadcast, layer_calls, presence, protocol, publishing, topics
+from pingpong import broadcast, layer_calls, presence, protocol, publishing, topic_presence, topics
 from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.metrics import exposition
@@ -76,6 +76,22 @@ def api_token() -> str:
     return getattr(settings, "PINGPONG_API_TOKEN", "") or getattr(settings, "PINGPONG_BROADCAST_TOKEN", "")
 
 
+def api_refusal(request: HttpRequest, *, what: str = "The API") -> JsonResponse | None:
+    """403 when no API token is configured, 401 when the request does not carry it; None when it does.
+
+    `what` names the refused action in the 403's sentence ("Broadcasting").
+    """
+    token = api_token()
+    if not token:
+        detail = f"{what} is disabled: PINGPONG_API_TOKEN (or its old name PINGPONG_BROADCAST_TOKEN) is not set."
+        return error_response(403, protocol.ERROR_DISABLED, detail)
+    if not bearer_token_matches(request, token):
+        return error_response(
+            401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
+        )
+    return None
+
+
 class ApiRefused(Exception):
     """An API request answered with an error before anything is sent; `response` is the answer."""
 
@@ -91,16 +107,9 @@ def api_payload(request: HttpRequest, *, what: str) -> Any:
     """
     if request.method != "POST":
         raise ApiRefused(error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use POST.", Allow="POST"))
-    token = api_token()
-    if not token:
-        detail = f"{what} is disabled: PINGPONG_API_TOKEN (or its old name PINGPONG_BROADCAST_TOKEN) is not set."
-        raise ApiRefused(error_response(403, protocol.ERROR_DISABLED, detail))
-    if not bearer_token_matches(request, token):
-        raise ApiRefused(
-            error_response(
-                401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
-            )
-        )
+    refusal = api_refusal(request, what=what)
+    if refusal is not None:
+        raise ApiRefused(refusal)
     try:
         body = request.body
     except RequestDataTooBig:
@@ -122,6 +131,30 @@ async def api_send(send: Awaitable[dict[str, Any]], *, sent_id: str, what: str, 
         detail = f"The channel layer is unavailable ({error}); nothing was sent."
         return JsonResponse({"error": protocol.ERROR_UNAVAILABLE, "detail": detail, "id": sent_id}, status=503)
     return JsonResponse({"status": "accepted", **accepted, "id": sent_id}, status=202)
+
+
+# HTTP statuses of the topic refusals the presence API can meet.
+_REFUSAL_STATUS = {
+    protocol.ERROR_BAD_TOPIC: 400,
+    protocol.ERROR_BAD_REQUEST: 400,
+    protocol.ERROR_UNKNOWN_NAMESPACE: 404,
+    protocol.ERROR_UNAVAILABLE: 503,
+}
+
+
+@csrf_exempt  # a bearer-token API: no cookie, so no CSRF; other methods get 405, not CSRF's 403
+@never_cache
+async def api_presence(request: HttpRequest, topic: str) -> JsonResponse:
+    """GET /api/presence/<topic> with the API token: who is subscribed (see pingpong.topic_presence)."""
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use GET.", Allow="GET, HEAD")
+    refusal = api_refusal(request)
+    if refusal is not None:
+        return refusal
+    try:
+        return JsonResponse(await topic_presence.listing(topic))
+    except TopicRefused as refused:
+        return error_response(_REFUSAL_STATUS.get(refused.error, 400), refused.error, str(refused))
 
 
 @csrf_exempt

@@ -55,6 +55,8 @@ MAX_CONNECTIONS_PER_IP = 12
 HTTP_IDLE_TIMEOUT = 3
 TOKEN_SECRET = "corpus-token-secret-" + "0123456789abcdef" * 3
 MAX_SUBSCRIPTIONS = 20
+# A namespace with presence and join/leave events, beside the defaults (which keep neither).
+NAMESPACES = {"room": {"subscribe": "anyone", "publish": "server", "presence": True, "join_leave": True}}
 
 Probe = Callable[[DaphneNode], str]
 
@@ -284,6 +286,17 @@ def api(
         elif token is not None:
             headers["Authorization"] = f"Bearer {token}"
         status, _ = http_request(f"{node.http}/api/broadcast", method=method, body=body, headers=headers)
+        return f"http {status}"
+
+    return probe
+
+
+def api_presence(topic: str, *, method: str = "GET", token: str | None = TOKEN) -> Probe:
+    """One request to /api/presence/<topic>."""
+
+    def probe(node: DaphneNode) -> str:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        status, _ = http_request(f"{node.http}/api/presence/{topic}", method=method, headers=headers)
         return f"http {status}"
 
     return probe
@@ -648,6 +661,33 @@ ROWS = [
         "error forbidden, open",
     ),
     Row("publish: no data", ws_texts(request(type="publish", topic="public:x")), "error bad_request, open"),
+    Row(
+        "presence: a subscribed topic with presence",
+        ws_texts(request(type="subscribe", topic="room:corpus"), request(type="presence", topic="room:corpus")),
+        "subscribed, presence, open",
+    ),
+    Row(
+        "presence: a topic it is not subscribed to",
+        ws_texts(request(type="presence", topic="room:corpus")),
+        "error not_subscribed, open",
+    ),
+    Row(
+        "presence: a forbidden topic",
+        ws_texts(request(type="subscribe", topic="user:other"), request(type="presence", topic="user:other")),
+        "error forbidden, error not_subscribed, open",
+    ),
+    Row(
+        "presence: an unknown namespace",
+        ws_texts(request(type="presence", topic="admin:all")),
+        "error not_subscribed, open",
+    ),
+    Row(
+        "presence: a subscribed topic without presence",
+        ws_texts(request(type="subscribe", topic="public:corpus"), request(type="presence", topic="public:corpus")),
+        "subscribed, error bad_request, open",
+    ),
+    Row("presence: topic is a number", ws_texts(request(type="presence", topic=5)), "error bad_topic, open"),
+    Row("presence: no topic", ws_texts(request(type="presence")), "error bad_topic, open"),
     Row("request: unknown type with an id", ws_texts(request(type="subscribe!", id=1)), "error unknown_message, open"),
     Row(
         "request: type is a list",
@@ -693,6 +733,14 @@ ROWS = [
     Row("broadcast: empty bearer", api(body=b'{"text": "hi"}', auth="Bearer "), "http 401"),
     Row("broadcast: Basic scheme", api(body=b'{"text": "hi"}', auth=f"Basic {TOKEN}"), "http 401"),
     Row("broadcast: non-ASCII token", api(body=b'{"text": "hi"}', auth="Bearer t\xf6ken"), "http 401"),
+    Row("presence API: a topic with presence", api_presence("room:corpus"), "http 200"),
+    Row("presence API: no token", api_presence("room:corpus", token=None), "http 401"),
+    Row("presence API: wrong token", api_presence("room:corpus", token="wrong"), "http 401"),
+    Row("presence API: a topic without presence", api_presence("public:corpus"), "http 400"),
+    Row("presence API: an unknown namespace", api_presence("admin:all"), "http 404"),
+    Row("presence API: a bad topic", api_presence("room:" + "x" * 200), "http 400"),
+    Row("presence API: a topic with a slash", api_presence("room:a/b"), "http 404"),
+    Row("presence API: POST", api_presence("room:corpus", method="POST"), "http 405"),
 ]
 
 
@@ -717,6 +765,7 @@ def node(module_daphne_nodes) -> DaphneNode:
             "PINGPONG_MAX_CONNECTIONS_PER_IP": str(MAX_CONNECTIONS_PER_IP),
             "PINGPONG_TOKEN_SECRET": TOKEN_SECRET,
             "PINGPONG_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS),
+            "PINGPONG_NAMESPACES": json.dumps(NAMESPACES),
         }
     )
 
