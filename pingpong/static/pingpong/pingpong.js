@@ -116,7 +116,7 @@
         this._opened = true;
         this._setState("open");
         this._emit("open");
-        this._topics.forEach((onPublication, topic) => this._subscribeRequest(topic));
+        this._topics.forEach((onPublication, topic) => this._subscribeRequest(topic, true));
       };
       socket.onmessage = (message) => this._receive(message.data);
       socket.onclose = (event) => this._closed(socket, event);
@@ -280,9 +280,9 @@
     }
 
     // Send a subscribe for `topic`. The callers still waiting for one (a subscribe() made while
-    // disconnected, or one a drop interrupted) are settled by this request's reply; with none
-    // waiting (a re-subscribe after a reconnect) a refusal is reported as an "error" event.
-    _subscribeRequest(topic) {
+    // disconnected, or one a drop interrupted) are settled by this request's reply; a re-subscribe
+    // after a reconnect that nobody waits for reports a refusal as an "error" event.
+    _subscribeRequest(topic, resubscribe) {
       const waiting = [];
       this._pending.forEach((pending, id) => {
         if (pending.kind === "subscribe" && pending.topic === topic) {
@@ -296,7 +296,7 @@
         (reply) => waiting.forEach((pending) => pending.resolve(reply)),
         (error) => {
           if (error.error === "disconnected") return; // still waiting: sent again on the next connection
-          if (waiting.length === 0 && error.error !== "timeout") this._emit("error", Object.assign({ topic: topic }, error));
+          if (resubscribe && waiting.length === 0 && error.error !== "timeout") this._emit("error", Object.assign({ topic: topic }, error));
           waiting.forEach((pending) => pending.reject(error));
         }
       );
