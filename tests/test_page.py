@@ -211,3 +211,70 @@ def test_a_logged_in_user_sees_their_publications_live_and_is_refused_another_us
     assert "not for you" not in page.locator("#publications").inner_text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / f"page-topics-{node.server}.png", full_page=True)
+
+
+# pingpong.js on its own: a second client on the page (for its origin), driven from the test.
+TOKEN_SECRET = "page-test-token-secret-0123456789abcdef"
+ROOM_ENV = {**NODE_ENV, "PINGPONG_NAMESPACES": '{"room": {"subscribe": "anyone", "publish": "anyone"}}'}
+
+
+def test_pingpong_js_subscribes_again_to_every_topic_after_a_reconnect(page, daphne_nodes):
+    node = daphne_nodes(env=ROOM_ENV)
+    page.goto(f"{node.http}/")
+    page.evaluate("""() => {
+        window.got = [];
+        window.client = new PingPong("/ws/");
+        return window.client.subscribe("room:1", data => window.got.push(data.n));
+    }""")
+    page.evaluate("window.client.socket.close(1000)")  # a clean close: not terminal, so the client comes back
+    page.wait_for_function("window.client.state === 'open' && window.client.reconnects === 1", timeout=RECONNECT_WAIT)
+    # The server delivers a publication to its own publisher too, when it is subscribed.
+    assert page.evaluate("window.client.publish('room:1', {n: 2}).then(reply => reply.type)") == "published"
+    page.wait_for_function("window.got.includes(2)")
+    assert page.evaluate("window.client.lastClose") == 1000
+
+
+def test_pingpong_js_stops_on_4401_without_a_way_to_get_a_token(page, daphne_nodes):
+    node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
+    page.goto(f"{node.http}/")
+    page.evaluate("window.client = new PingPong('/ws/', {token: 'not-a-token'})")
+    page.wait_for_function("window.client.state === 'stopped'")
+    assert page.evaluate("window.client.lastClose") == 4401
+    page.wait_for_timeout(2_000)  # longer than the first backoff step could be
+    assert page.evaluate("[window.client.state, window.client.reconnects]") == ["stopped", 0]
+
+
+def test_pingpong_js_gets_a_new_token_after_4401_and_reconnects_as_its_user(page, daphne_nodes, settings):
+    from pingpong import tokens
+
+    settings.PINGPONG_TOKEN_SECRET = TOKEN_SECRET
+    good = tokens.issue("42", ttl=3600)
+    node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
+    page.goto(f"{node.http}/")
+    page.evaluate("good => { window.client = new PingPong('/ws/', {token: 'not-a-token', getToken: () => good}); }", good)
+    page.wait_for_function("window.client.lastClose === 4401 && window.client.state === 'open'", timeout=RECONNECT_WAIT)
+    # user:42 is only for user 42: the new token is the one in use.
+    assert page.evaluate("window.client.subscribe('user:42').then(reply => reply.type)") == "subscribed"
+
+
+def test_pingpong_js_refreshes_an_expiring_token_and_is_not_closed_at_its_exp(page, daphne_nodes, settings):
+    from pingpong import tokens
+
+    settings.PINGPONG_TOKEN_SECRET = TOKEN_SECRET
+    short = tokens.issue("42", ttl=4)  # under TOKEN_WARNING_SECONDS: token_expiring comes at once
+    expires_at = tokens.verify(short).expires_at
+    later = tokens.issue("42", ttl=3600)
+    node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
+    page.goto(f"{node.http}/")
+    page.evaluate(
+        """([short, later]) => {
+            window.refreshed = null;
+            window.client = new PingPong('/ws/', {token: short, getToken: () => later});
+            window.client.on("authenticated", event => { window.refreshed = event.expires_at; });
+        }""",
+        [short, later],
+    )
+    page.wait_for_function("window.refreshed !== null")
+    assert page.evaluate("window.refreshed") > expires_at
+    page.wait_for_function("exp => Date.now() / 1000 > exp + 1", arg=expires_at, timeout=SHORT_WAIT)
+    assert page.evaluate("[window.client.state, window.client.lastClose]") == ["open", None]
