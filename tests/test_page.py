@@ -234,6 +234,21 @@ def test_pingpong_js_subscribes_again_to_every_topic_after_a_reconnect(page, dap
     assert page.evaluate("window.client.lastClose") == 1000
 
 
+def test_pingpong_js_subscribes_again_within_the_servers_rate_limit(page, daphne_nodes):
+    # 40 topics subscribed at once would be 40 requests in a burst of 20: closed with 4008.
+    node = daphne_nodes(env={**ROOM_ENV, "PINGPONG_RATE_BURST": "20"})
+    page.goto(f"{node.http}/")
+    replies = page.evaluate("""() => {
+        window.client = new PingPong("/ws/", {autoConnect: false});
+        const waiting = [];
+        for (let n = 0; n < 40; n++) waiting.push(window.client.subscribe("room:" + n).then(reply => reply.type));
+        window.client.connect();  // the 40 parked subscribes go out on open
+        return Promise.all(waiting);
+    }""")
+    assert replies == ["subscribed"] * 40
+    assert page.evaluate("[window.client.state, window.client.lastClose]") == ["open", None]
+
+
 def test_pingpong_js_stops_on_4401_without_a_way_to_get_a_token(page, daphne_nodes):
     node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
     page.goto(f"{node.http}/")

@@ -16,6 +16,7 @@
   const UNAUTHORIZED = 4401;
   const BACKOFF_FIRST_MS = 500;
   const BACKOFF_MAX_MS = 30000;
+  const RESUBSCRIBE_BATCH = 15;
 
   function clientError(code, detail) {
     return { type: "error", error: code, detail: detail };
@@ -108,7 +109,7 @@
     }
 
     _open() {
-      if (this.state === "stopped") return;
+      if (this.state === "stopped" || this.socket) return; // one socket at a time
       const url = this.token ? this.url + (this.url.indexOf("?") === -1 ? "?" : "&") + "token=" + encodeURIComponent(this.token) : this.url;
       const socket = (this.socket = new WebSocket(url));
       socket.onopen = () => {
@@ -116,10 +117,22 @@
         this._opened = true;
         this._setState("open");
         this._emit("open");
-        this._topics.forEach((onPublication, topic) => this._subscribeRequest(topic, true));
+        this._resubscribe(socket, Array.from(this._topics.keys()));
       };
       socket.onmessage = (message) => this._receive(message.data);
       socket.onclose = (event) => this._closed(socket, event);
+    }
+
+    // Subscribe again to every topic held, RESUBSCRIBE_BATCH a second: the server's rate limit (20/s
+    // after a burst of 40, by default) closes with the terminal 4008 a client that sends more at once.
+    _resubscribe(socket, topics) {
+      if (socket !== this.socket || topics.length === 0) return;
+      topics.slice(0, RESUBSCRIBE_BATCH).forEach((topic) => {
+        if (this._topics.has(topic)) this._subscribeRequest(topic, true);
+      });
+      if (topics.length > RESUBSCRIBE_BATCH) {
+        setTimeout(() => this._resubscribe(socket, topics.slice(RESUBSCRIBE_BATCH)), 1000);
+      }
     }
 
     /** Close for good: no reconnect. Pending requests are rejected with error "closed". */
