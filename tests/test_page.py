@@ -266,7 +266,9 @@ def test_pingpong_js_gets_a_new_token_after_4401_and_reconnects_as_its_user(page
     good = tokens.issue("42", ttl=3600)
     node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
     page.goto(f"{node.http}/")
-    page.evaluate("good => { window.client = new PingPong('/ws/', {token: 'not-a-token', getToken: () => good}); }", good)
+    page.evaluate(
+        "good => { window.client = new PingPong('/ws/', {token: 'not-a-token', getToken: () => good}); }", good
+    )
     page.wait_for_function("window.client.lastClose === 4401 && window.client.state === 'open'", timeout=RECONNECT_WAIT)
     # user:42 is only for user 42: the new token is the one in use.
     assert page.evaluate("window.client.subscribe('user:42').then(reply => reply.type)") == "subscribed"

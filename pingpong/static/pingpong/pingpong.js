@@ -48,7 +48,8 @@
       this._topics = new Map(); // topic -> onPublication: what is subscribed again after a reconnect
       this._listeners = new Map(); // event name -> [listener]
       this._retryTimer = null;
-      this._opened = false;
+      this._opened = false; // a connection opened once: the next ones count as reconnects
+      this._askedFirstToken = false;
       if (options.autoConnect !== false) this.connect();
     }
 
@@ -141,6 +142,7 @@
     }
 
     _stop(detail) {
+      if (this.state === "stopped" && !this.socket) return;
       clearTimeout(this._retryTimer);
       this._retryTimer = null;
       const socket = this.socket;
