@@ -1,6 +1,8 @@
 """HTTP: the page, health and readiness probes, and every status of the broadcast API."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from django.test import AsyncClient, Client
@@ -40,6 +42,14 @@ def test_the_page_config_is_json_with_the_terminal_close_codes_as_numbers():
     """The page reads its close-code policy from a JSON block: numbers, not enum reprs."""
     config = page_config(Client())
     assert config["terminal_codes"] == sorted(int(code) for code in protocol.TERMINAL_CLOSE_CODES)
+
+
+def test_pingpong_js_falls_back_to_the_servers_terminal_close_codes():
+    """pingpong.js on a page without the server's config stops on the same codes as protocol.TERMINAL_CLOSE_CODES."""
+    source = (Path(__file__).resolve().parent.parent / "pingpong/static/pingpong/pingpong.js").read_text()
+    listed = re.search(r"const TERMINAL_CODES = \[([\d, ]+)\];", source)
+    assert listed is not None
+    assert sorted(int(code) for code in listed.group(1).split(",")) == sorted(protocol.TERMINAL_CLOSE_CODES)
 
 
 def page_config(client: Client) -> dict:
