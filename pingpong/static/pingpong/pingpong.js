@@ -17,6 +17,7 @@
   const BACKOFF_FIRST_MS = 500;
   const BACKOFF_MAX_MS = 30000;
   const RESUBSCRIBE_BATCH = 15;
+  const REPLY_TYPES = ["pong", "subscribed", "unsubscribed", "published", "authenticated", "error"];
 
   function clientError(code, detail) {
     return { type: "error", error: code, detail: detail };
@@ -215,7 +216,8 @@
       if (!event || typeof event !== "object") return;
       if (event.type !== "error") this._attempt = 0; // the server let us in: the next drop starts over
       this._emit("message", event);
-      const pending = event.id !== undefined ? this._pending.get(event.id) : undefined;
+      // Broadcasts and publications carry ids of their own: only replies settle requests.
+      const pending = REPLY_TYPES.indexOf(event.type) !== -1 ? this._pending.get(event.id) : undefined;
       if (pending) {
         this._pending.delete(event.id);
         clearTimeout(pending.timer);
