@@ -9,7 +9,8 @@ import prometheus_client
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import render
+from django.shortcuts import render, resolve_url
+from django.urls import NoReverseMatch
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
@@ -30,16 +31,25 @@ def error_response(status: int, error: str, detail: str, **headers: str) -> Json
     return response
 
 
+def login_path() -> str:
+    """Where the page sends anonymous visitors to sign in: settings.LOGIN_URL (a URL name or a path)."""
+    try:
+        return resolve_url(settings.LOGIN_URL)
+    except NoReverseMatch:  # a project without a view of that name: Django's default path
+        return "/accounts/login/"
+
+
 def index(request: HttpRequest) -> HttpResponse:
-    """The live page: ping/pong round-trip time, connection state, broadcasts."""
-    context: dict[str, Any] = {
-        "ping": protocol.PING,
-        "pong": protocol.PONG,
-        "terminal_codes": sorted(
-            int(code) for code in protocol.TERMINAL_CLOSE_CODES
-        ),  # plain numbers for the JSON config
+    """The live page: round-trip time, connection state, broadcasts, the user and their topics."""
+    user = request.user  # the session's user: the same the websocket gets through AuthMiddlewareStack
+    config: dict[str, Any] = {
+        "ws_path": "/ws/",
+        "stats_url": "/api/stats",
+        "login_url": f"{login_path()}?next=/",
+        "terminal_codes": sorted(int(code) for code in protocol.TERMINAL_CLOSE_CODES),  # plain numbers
+        "user": {"id": str(user.pk), "name": user.get_username()} if user.is_authenticated else None,
     }
-    return render(request, "pingpong/index.html", context)
+    return render(request, "pingpong/index.html", {"config": config})
 
 
 def healthz(request: HttpRequest) -> JsonResponse:

@@ -1,6 +1,8 @@
 """HTTP: the page, health and readiness probes, and every status of the broadcast API."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from django.test import AsyncClient, Client
@@ -39,9 +41,41 @@ async def post(client: AsyncClient, body: object, token: str | None = TOKEN, raw
 
 def test_the_page_config_is_json_with_the_terminal_close_codes_as_numbers():
     """The page reads its close-code policy from a JSON block: numbers, not enum reprs."""
-    html = Client().get("/").content.decode()
-    config = json.loads(html.split('<script id="config" type="application/json">', 1)[1].split("</script>", 1)[0])
+    config = page_config(Client())
     assert config["terminal_codes"] == sorted(int(code) for code in protocol.TERMINAL_CLOSE_CODES)
+
+
+def test_pingpong_js_falls_back_to_the_servers_terminal_close_codes():
+    """pingpong.js on a page without the server's config stops on the same codes as protocol.TERMINAL_CLOSE_CODES."""
+    source = (Path(__file__).resolve().parent.parent / "pingpong/static/pingpong/pingpong.js").read_text()
+    listed = re.search(r"const TERMINAL_CODES = \[([\d, ]+)\];", source)
+    assert listed is not None
+    assert sorted(int(code) for code in listed.group(1).split(",")) == sorted(protocol.TERMINAL_CLOSE_CODES)
+
+
+def page_config(client: Client) -> dict:
+    html = client.get("/").content.decode()
+    return json.loads(html.split('<script id="config" type="application/json">', 1)[1].split("</script>", 1)[0])
+
+
+def test_the_page_shows_an_anonymous_visitor_a_login_link():
+    """Without a session the page says anonymous and links to the login page, coming back to /."""
+    html = Client().get("/").content.decode()
+    assert page_config(Client())["user"] is None
+    assert ">anonymous<" in html
+    assert 'href="/accounts/login/?next=/"' in html
+
+
+@pytest.mark.django_db
+def test_the_page_names_the_session_user_in_its_config():
+    """A logged-in visitor's page carries their id and name, which the topic box uses (user:<id>)."""
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.create_user("ada")
+    client = Client()
+    client.force_login(user)
+    assert page_config(client)["user"] == {"id": str(user.pk), "name": "ada"}
+    assert f'value="user:{user.pk}"' in client.get("/").content.decode()
 
 
 def test_page_is_served_and_connects_to_the_websocket():
