@@ -20,6 +20,13 @@ from pingpong.consumers import GuardedWebsocketConsumer
 from pingpong.websocket import LeanJsonWebsocketConsumer, LeanWebsocketConsumer
 
 
+@pytest.fixture(autouse=True)
+def database_allowed(django_db_blocker):
+    """The stock consumer closes stale database connections around every message: part of its contract."""
+    with django_db_blocker.unblock():
+        yield
+
+
 class GuardedJsonWebsocketConsumer(GuardedWebsocketConsumer, AsyncJsonWebsocketConsumer):
     """What a project writes to get JSON on the guarded consumer."""
 
