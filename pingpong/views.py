@@ -1,4 +1,4 @@
-"""HTTP views: the page, health and readiness probes, the broadcast API."""
+"""HTTP views: the page, health and readiness probes, the broadcast and history APIs."""
 
 import hmac
 import json
@@ -12,12 +12,14 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
-from pingpong import broadcast, layer_calls, presence, protocol
+from pingpong import broadcast, history, layer_calls, presence, protocol, topics
 from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
+from pingpong.conf import setting
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.metrics import exposition
 from pingpong.node import node
 from pingpong.presence import PresenceUnavailable
+from pingpong.topics import TopicRefused
 
 
 def error_response(status: int, error: str, detail: str, **headers: str) -> JsonResponse:
@@ -59,6 +61,23 @@ async def readyz(request: HttpRequest) -> JsonResponse:
     except ChannelLayerUnavailable as error:
         return JsonResponse({"status": "unavailable", "reason": f"channel layer: {error}"}, status=503)
     return JsonResponse({"status": "ready"})
+
+
+def api_token() -> str:
+    """The bearer token of the HTTP API: PINGPONG_API_TOKEN, or its older name PINGPONG_BROADCAST_TOKEN."""
+    return getattr(settings, "PINGPONG_API_TOKEN", "") or getattr(settings, "PINGPONG_BROADCAST_TOKEN", "")
+
+
+def api_refusal(request: HttpRequest, *, what: str) -> JsonResponse | None:
+    """The 403 (no token configured) or 401 (wrong token) for an API request, or None when it may go on."""
+    token = api_token()
+    if not token:
+        return error_response(403, protocol.ERROR_DISABLED, f"{what} is disabled: PINGPONG_API_TOKEN is not set.")
+    if not bearer_token_matches(request, token):
+        return error_response(
+            401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
+        )
+    return None
 
 
 def bearer_token_matches(request: HttpRequest, expected: str) -> bool:
@@ -117,3 +136,66 @@ async def api_stats(request: HttpRequest) -> JsonResponse:
         return JsonResponse(await presence.stats())
     except PresenceUnavailable as error:  # unreachable, or this node's count cannot be written (PresenceStale)
         return error_response(503, protocol.ERROR_UNAVAILABLE, str(error))
+
+
+@never_cache
+async def api_history(request: HttpRequest, topic: str) -> HttpResponse:
+    """GET /api/history/<topic>?since=N&limit=L[&epoch=E] with the API token: publications after offset N.
+
+    The body is `{"topic", "epoch", "offset", "since", "complete", "publications": [...]}`:
+    up to `limit` retained publications after `since` (each exactly its websocket event), the
+    topic's current offset and epoch, and `complete`, true when they start at `since + 1`
+    (and `epoch`, if given, is still the topic's): nothing between `since` and them was lost.
+    """
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use GET.", Allow="GET, HEAD")
+    refusal = api_refusal(request, what="The history API")
+    if refusal is not None:
+        return refusal
+    max_limit = setting("PINGPONG_MAX_RECOVER")
+    try:
+        namespace = topics.namespace_for(topic)
+        since = query_int(request, "since", default=0, maximum=protocol.SINCE_MAX_OFFSET)
+        limit = query_int(request, "limit", default=100, maximum=max_limit, minimum=1)
+        epoch = request.GET.get("epoch") or None
+    except TopicRefused as refused:
+        status = 404 if refused.error == protocol.ERROR_UNKNOWN_NAMESPACE else 400
+        return error_response(status, refused.error, str(refused))
+    layer = layer_calls.get_layer()
+    if not (namespace.has_history and history.supported(layer)):
+        return error_response(404, protocol.ERROR_NO_HISTORY, f'The namespace "{namespace.name}" keeps no history.')
+    try:
+        read = await layer_calls.call(
+            history.read(
+                layer,
+                topic,
+                topics.group_for(topic),
+                ttl=namespace.history_ttl,
+                since=since,
+                want_epoch=epoch,
+                limit=limit,
+                strict=False,
+            ),
+            operation="history_read",
+        )
+    except ChannelLayerUnavailable as error:
+        return error_response(503, protocol.ERROR_UNAVAILABLE, f"The channel layer is unavailable ({error}).")
+    epoch_kept = epoch is None or epoch == read.epoch
+    events = read.events if epoch_kept else []
+    complete = epoch_kept and (since >= read.offset or read.first == since + 1)
+    head = protocol.encode_event(
+        {"topic": topic, "epoch": read.epoch, "offset": read.offset, "since": since, "complete": complete}
+    )
+    # The events are JSON text already: joined, not parsed and serialised again.
+    body = f'{head[:-1]},"publications":[{",".join(events)}]}}'
+    return HttpResponse(body, content_type="application/json")
+
+
+def query_int(request: HttpRequest, name: str, *, default: int, maximum: int, minimum: int = 0) -> int:
+    """A whole-number query parameter within bounds, or TopicRefused (bad_request)."""
+    raw = request.GET.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16 and minimum <= int(raw) <= maximum):
+        raise TopicRefused(protocol.ERROR_BAD_REQUEST, f'"{name}" is a whole number from {minimum} to {maximum}.')
+    return int(raw)

@@ -11,4 +11,5 @@ urlpatterns = [
     path("metrics", views.metrics, name="metrics"),
     path("api/broadcast", views.api_broadcast, name="broadcast"),
     path("api/stats", views.api_stats, name="stats"),
+    path("api/history/<str:topic>", views.api_history, name="history"),
 ]
