@@ -420,9 +420,7 @@ async def read(
         history = _redis(layer)
 
         def call() -> Awaitable[Read]:
-            return history.read(
-                topic, group, ttl=ttl, since=since, want_epoch=want_epoch, limit=limit, strict=strict
-            )
+            return history.read(topic, group, ttl=ttl, since=since, want_epoch=want_epoch, limit=limit, strict=strict)
 
         if joined_at is None:
             return await call()
