@@ -282,7 +282,9 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         assert layer is not None
         group = topics.group_for(topic)
         keeps_history = namespace.has_history and history.supported(layer)
-        joining = self.joining[topic] = JoinBuffer() if keeps_history else None
+        joining = JoinBuffer() if keeps_history else None
+        if joining is not None:
+            self.joining[topic] = joining  # live publications wait here until the history is sent
         try:
             try:
                 await layer_calls.call(layer.group_add(group, self.channel_name), operation="group_add")
@@ -318,7 +320,6 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             raise
         self.subscriptions.add(topic)
         if read is None:
-            self.joining.pop(topic, None)
             fields: dict[str, Any] = {} if since is None else {protocol.FIELD_RECOVERED: False}
             await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic, **fields)
             return
@@ -488,7 +489,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         with `since` to learn that it must reload.
         """
         offset, epoch = message.get(protocol.FIELD_OFFSET), message.get(protocol.FIELD_EPOCH)
-        if not isinstance(offset, int):
+        if not (isinstance(offset, int) and isinstance(epoch, str)):
             if broadcast.deliverable(message):
                 metrics.SENT_PUBLICATION.inc()
                 await self.send(text_data=message["event"])

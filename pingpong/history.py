@@ -21,6 +21,7 @@ Concurrent identical reads in one process share one Redis call (`ReadFlights`).
 """
 
 import asyncio
+import functools
 import itertools
 import secrets
 import time
@@ -287,7 +288,7 @@ class RedisHistory:
 
     def __init__(self, layer: PingpongPubSubLoopLayer) -> None:
         serializer = layer.channel_layer._serializer
-        if getattr(serializer, "crypter", None) is not None or getattr(serializer, "random_prefix_length", 0):
+        if getattr(serializer, "crypter", None) is not None or getattr(serializer, "random_prefix_length", 0) > 0:
             raise NotImplementedError("topic history needs the layer's plain msgpack serializer (no encryption)")
         self.layer = layer
         self.flights = ReadFlights()
@@ -355,10 +356,10 @@ class ReadFlights:
             self.calls += 1
             task: asyncio.Task[Any] = asyncio.ensure_future(call())
             flight = self._flights[key] = (started, task)
-            task.add_done_callback(lambda done, key=key, flight=flight: self._land(key, flight))
+            task.add_done_callback(functools.partial(self._land, key, flight))
         return await asyncio.shield(flight[1])
 
-    def _land(self, key: Any, flight: tuple[int, "asyncio.Task[Any]"]) -> None:
+    def _land(self, key: Any, flight: tuple[int, "asyncio.Task[Any]"], done: "asyncio.Task[Any]") -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
         if not flight[1].cancelled():

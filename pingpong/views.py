@@ -182,7 +182,7 @@ async def api_history(request: HttpRequest, topic: str) -> HttpResponse:
         return error_response(503, protocol.ERROR_UNAVAILABLE, f"The channel layer is unavailable ({error}).")
     epoch_kept = epoch is None or epoch == read.epoch
     events = read.events if epoch_kept else []
-    complete = epoch_kept and (since >= read.offset or read.first == since + 1)
+    complete = epoch_kept and (since == read.offset or read.first == since + 1)
     head = protocol.encode_event(
         {"topic": topic, "epoch": read.epoch, "offset": read.offset, "since": since, "complete": complete}
     )

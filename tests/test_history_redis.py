@@ -3,7 +3,6 @@ and the epoch changing when Redis loses the history (restart, FLUSHALL)."""
 
 import asyncio
 import json
-import subprocess
 import sys
 from typing import Any
 
@@ -93,18 +92,23 @@ async def test_publications_from_two_processes_at_once_get_offsets_without_gaps(
     assert (await subscribe(ws, "public:count"))["offset"] == 0
     env = node_env({"REDIS_URL": redis_server.url})
     publishers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.history_publisher", "public:count", "4", "25"],
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.history_publisher",
+            "public:count",
+            "4",
+            "25",
             cwd=ROOT,
             env=env,
-            stdout=subprocess.PIPE,
-            text=True,
+            stdout=asyncio.subprocess.PIPE,
         )
         for _ in range(2)
     ]
-    outputs = [await asyncio.to_thread(publisher.communicate, timeout=scaled(60)) for publisher in publishers]
+    async with asyncio.timeout(scaled(60)):
+        outputs = [(await publisher.communicate())[0].decode() for publisher in publishers]
     assert [publisher.returncode for publisher in publishers] == [0, 0]
-    results = [json.loads(line) for stdout, _ in outputs for line in stdout.splitlines()]
+    results = [json.loads(line) for stdout in outputs for line in stdout.splitlines()]
     assert sorted(result["offset"] for result in results) == list(range(1, 201))
     assert len({result["epoch"] for result in results}) == 1
     assert await offsets_of(ws, 200) == list(range(1, 201))
