@@ -434,3 +434,34 @@ async def test_the_history_api_needs_the_token(settings):
 
 def test_a_namespace_dataclass_defaults_to_no_history():
     assert not Namespace(name="x").has_history
+
+
+async def test_the_history_api_with_an_old_epoch_is_incomplete_and_empty(api):
+    await topics.apublish("public:news", 1)
+    body = json.loads((await api.get("/api/history/public:news", {"since": "0", "epoch": "old"})).content)
+    assert (body["complete"], body["publications"], body["offset"]) == (False, [], 1)
+
+
+async def test_subscribing_again_answers_the_last_position_this_connection_got():
+    ws = await connected()
+    await subscribe(ws, "public:news")
+    result = await topics.apublish("public:news", 1)
+    await publications(ws, 1)
+    again = await subscribe(ws, "public:news")
+    assert (again["type"], again["offset"], again["epoch"]) == (protocol.EVENT_SUBSCRIBED, 1, result["epoch"])
+    await ws.disconnect()
+
+
+async def test_subscribing_again_with_since_recovers_on_the_same_connection():
+    ws = await connected()
+    await subscribe(ws, "public:news")
+    for n in range(3):
+        result = await topics.apublish("public:news", n)
+    await publications(ws, 3)
+    again = await subscribe(ws, "public:news", since={"offset": 1, "epoch": result["epoch"]})
+    assert again["recovered"] is True
+    assert [event["offset"] for event in await publications(ws, 2)] == [2, 3]
+    await topics.apublish("public:news", 3)
+    assert [event["offset"] for event in await publications(ws, 1)] == [4]
+    await nothing_more(ws)
+    await ws.disconnect()

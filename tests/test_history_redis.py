@@ -11,6 +11,7 @@ from channels.layers import get_channel_layer
 from redis import asyncio as aioredis
 
 from pingpong import history, protocol, topics
+from pingpong.layer_calls import ChannelLayerUnavailable
 from tests.processes import ROOT, http_request, node_env, scaled, wait_until
 from tests.wsclient import next_event, ws_connect
 
@@ -243,3 +244,28 @@ async def test_the_history_api_reads_redis(two_nodes, redis_layer):
     answer = json.loads(body)
     assert (answer["offset"], answer["complete"]) == (4, True)
     assert [event["offset"] for event in answer["publications"]] == [2, 3, 4]
+
+
+async def test_a_script_redis_no_longer_has_is_sent_again_in_full(redis_server, redis_layer):
+    """EVALSHA's fallback: after SCRIPT FLUSH (or a Redis restart) the publication still goes out, once."""
+    first = await topics.apublish("public:scripts", 1)
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.script_flush()
+    await client.aclose()
+    second = await topics.apublish("public:scripts", 2)
+    assert (second["offset"], second["epoch"]) == (2, first["epoch"])
+
+
+async def test_a_publication_while_redis_is_down_fails_and_its_retry_lands_in_a_new_epoch(
+    redis_server, two_nodes, redis_layer
+):
+    """Never a silent success: the publish raises (503 or 504 at the API); retried with its id, it is published."""
+    before = await topics.apublish("public:down", 1)
+    redis_server.kill()
+    with pytest.raises(ChannelLayerUnavailable):
+        await topics.apublish("public:down", 2, publication_id="retry-me")
+    redis_server.start()
+    await nodes_ready(two_nodes)
+    await redis_layer.flush()
+    retried = await topics.apublish("public:down", 2, publication_id="retry-me")
+    assert retried["epoch"] != before["epoch"] and retried["offset"] == 1
