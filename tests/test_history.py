@@ -353,23 +353,31 @@ async def test_concurrent_identical_reads_make_one_call():
     assert len(calls) == 1 and flights.calls == 1
 
 
-async def test_a_read_started_before_a_subscription_went_live_is_not_shared_with_it():
+async def test_callers_that_went_live_after_a_read_started_share_the_next_read_instead():
+    """A read older than a subscription may miss what it did not see live; the latecomers share one newer read."""
     flights = ReadFlights()
-    gate = asyncio.Event()
-    calls = []
+    gates = [asyncio.Event(), asyncio.Event()]
+    snapshots = []
 
     async def read() -> int:
-        calls.append(1)
-        await gate.wait()
-        return len(calls)
+        snapshot = len(snapshots)
+        snapshots.append(snapshot)
+        await gates[snapshot].wait()
+        return snapshot
 
     first = asyncio.ensure_future(flights.read("k", joined_at=history.next_sequence(), call=read))
     await asyncio.sleep(0)
-    second = asyncio.ensure_future(flights.read("k", joined_at=history.next_sequence(), call=read))
+    late_joined_at = history.next_sequence()  # went live after the first read started
+    late = [asyncio.ensure_future(flights.read("k", joined_at=late_joined_at, call=read)) for _ in range(5)]
     await asyncio.sleep(0)
-    gate.set()
-    await asyncio.gather(first, second)
-    assert len(calls) == 2
+    assert len(snapshots) == 1  # the latecomers wait for the first read to end
+    gates[0].set()
+    assert await first == 0
+    for _ in range(10):
+        await asyncio.sleep(0)
+    gates[1].set()
+    assert await asyncio.gather(*late) == [1] * 5
+    assert flights.calls == 2
 
 
 # The HTTP API

@@ -33,6 +33,7 @@ def namespaces(settings):
 @pytest.fixture
 async def redis_layer(settings, redis_server, namespaces):
     """This process publishes through pingpong's Redis layer on the test's redis-server, as the nodes do."""
+    settings.PINGPONG_LAYER_TIMEOUT = 10
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "pingpong.layers.PingpongPubSubChannelLayer",
@@ -46,7 +47,13 @@ async def redis_layer(settings, redis_server, namespaces):
 
 @pytest.fixture
 def two_nodes(redis_server, daphne_nodes):
-    env = {"REDIS_URL": redis_server.url, "PINGPONG_NAMESPACES": json.dumps(SMALL), "PINGPONG_BROADCAST_TOKEN": TOKEN}
+    # A generous layer deadline: these tests prove ordering and recovery, not speed, on a shared machine.
+    env = {
+        "PINGPONG_LAYER_TIMEOUT": "10",
+        "REDIS_URL": redis_server.url,
+        "PINGPONG_NAMESPACES": json.dumps(SMALL),
+        "PINGPONG_BROADCAST_TOKEN": TOKEN,
+    }
     return daphne_nodes(env), daphne_nodes(env)
 
 
@@ -269,3 +276,28 @@ async def test_a_publication_while_redis_is_down_fails_and_its_retry_lands_in_a_
     await redis_layer.flush()
     retried = await topics.apublish("public:down", 2, publication_id="retry-me")
     assert retried["epoch"] != before["epoch"] and retried["offset"] == 1
+
+
+async def test_many_clients_recovering_at_once_during_publications_each_get_the_exact_sequence(two_nodes, redis_layer):
+    """Merged reads are shared only by subscriptions live before the read: no client is left with a gap."""
+    for n in range(10):
+        result = await topics.apublish("public:crowd", n)
+    total = 120
+    clients = [await ws_connect(two_nodes[n % 2].ws) for n in range(20)]
+
+    async def publish_more() -> None:
+        for n in range(10, total):
+            await topics.apublish("public:crowd", n)
+
+    publisher = asyncio.ensure_future(publish_more())
+    since = {"offset": 5, "epoch": result["epoch"]}
+    replies = await asyncio.gather(*(subscribe(ws, "public:crowd", since=since) for ws in clients))
+    await publisher
+    assert all(reply["recovered"] for reply in replies)
+    for ws in clients:
+        assert await offsets_of(ws, total - 5) == list(range(6, total + 1))
+    await nothing_more(clients[0])
+    for ws in clients:
+        await ws.close()
+    reads = [await asyncio.to_thread(node.metric, "pingpong_history_reads_total") for node in two_nodes]
+    assert all(1 <= count <= 10 for count in reads)  # one per client at most; merged ones count once
