@@ -19,11 +19,12 @@ $(DEV): $(BASE)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(DEV)
 
-## run: serve http://127.0.0.1:8000 with daphne and the embedded channel layer
+## run: apply migrations (SQLite by default), then serve http://127.0.0.1:8000 with daphne and the embedded channel layer
 run: $(BASE)
+	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py serve --host 127.0.0.1 --port 8000
 
-## test: the whole suite (Redis and browser tests skip without redis-server / chromium unless required)
+## test: the whole suite (Redis, browser and PostgreSQL tests skip without redis-server / chromium / initdb unless required)
 test: $(DEV)
 	$(BIN)/python -m pytest
 

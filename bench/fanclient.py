@@ -1,8 +1,9 @@
-"""A receive-only websocket client on asyncio.Protocol, for the fan-out workload.
+"""A receive-mostly websocket client on asyncio.Protocol, for the fan-out workloads.
 
 W3 delivers 80,000 frames a second to one client process; a full client library spends
-more CPU per frame than the servers under test, so this one only does what W3 needs:
-the handshake, unmasked frames in, masked pong/close out, one timestamp per read.
+more CPU per frame than the servers under test, so this one only does what W3 and W5 need:
+the handshake, unmasked frames in, masked pong/close out, one timestamp per read, and a
+masked text frame out for W5's subscribe requests.
 """
 
 import asyncio
@@ -78,6 +79,11 @@ class FanoutClient(asyncio.Protocol):
                 self.transport.close()
         if offset:
             del buffer[:offset]
+
+    def send_text(self, text: str) -> None:
+        """One masked text frame (a request such as subscribe); the transport buffers it."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame_encode(opcode=OP_TEXT, payload=text.encode()))
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -83,6 +83,9 @@ def verdicts(rows: list[Row]) -> list[str]:
     if on_daphne and on_uvicorn and on_daphne["latency_ms"]["p99"]:
         ratio = on_uvicorn["latency_ms"]["p99"] / on_daphne["latency_ms"]["p99"]
         lines.append(check("W3 p99 on uvicorn vs on daphne", ratio, TARGETS["w3_uvicorn_p99"], False))
+    for row in rows:
+        if row.get("workload") == "w5":
+            lines.append(w5_delivery_verdict(row))
     return lines
 
 
@@ -94,6 +97,29 @@ def w3_delivery_verdict(row: Row) -> str:
         f"W3 {row.get('server', 'daphne')}: {accepted}/{sent} broadcasts accepted, {row['delivered_percent']}% of those delivered "
         f"(target: all accepted, 100% delivered) {'met' if full else 'MISSED'}"
     )
+
+
+def w5_delivery_verdict(row: Row) -> str:
+    """100% means every client subscribed, every publication accepted (202) and delivered exactly once, to
+    exactly the connections subscribed to its topic."""
+    full = (
+        row["subscribed"] == row["clients"]
+        and row["accepted"] == row["sent"]
+        and row["delivered"] == row["expected"] > 0
+        and not row["duplicates"]
+        and not row["misrouted"]
+    )
+    return (
+        f"W5 {row['server']}: {row['subscribed']:,}/{row['clients']:,} subscribed, {row['accepted']}/{row['sent']} "
+        f"publications accepted, {row['delivered_percent']}% of those delivered, {row['duplicates']} duplicates, "
+        f"{row['misrouted']} misrouted (target: all accepted, 100% delivered exactly once) {'met' if full else 'MISSED'}"
+    )
+
+
+def statuses_cell(row: Row) -> str:
+    """Every answer of the publish API that was not 202, by status (0: no answer), or "-"."""
+    refused = {code: count for code, count in row["statuses"].items() if code != "202"}
+    return ", ".join(f"{code}: {count}" for code, count in refused.items()) or "-"
 
 
 def _ratio(row: Row, key: str) -> str:
@@ -162,6 +188,25 @@ def table(rows: list[Row]) -> str:
                 f"| {_ratio(r, 'p99')} | {lat['max']:.0f} | {client_cpu(r)} | {r['server_cpu_percent']:.0f}% |"
             )
         out.append("")
+    w5 = [row for row in rows if row["workload"] == "w5"]
+    if w5:
+        out += [
+            "W5 topics fan-out (redis-server + nodes, token users on user:<i> + public:all, publications through the API)",
+            "",
+            "| server | nodes | subscribed/clients | subscribe retries | connect s | accepted/sent | not 202 | delivered/expected | % | duplicates | misrouted | latency p50 ms | p99 | max | user p99 | public:all p99 | client CPU | servers CPU |",
+            "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in w5:
+            lat = r["latency_ms"]
+            out.append(
+                f"| {r['server']} | {r['nodes']} | {r['subscribed']:,}/{r['clients']:,} | {sum(r['subscribe_retries'].values())} "
+                f"| {r['connect_seconds']:.1f} "
+                f"| {r['accepted']:,}/{r['sent']:,} | {statuses_cell(r)} | {r['delivered']:,}/{r['expected']:,} "
+                f"| {r['delivered_percent']} | {r['duplicates']} | {r['misrouted']} | {lat['p50']:.0f} | {lat['p99']:.0f} "
+                f"| {lat['max']:.0f} | {r['latency_user_ms']['p99']:.0f} | {r['latency_public_ms']['p99']:.0f} "
+                f"| {client_cpu(r)} | {r['server_cpu_percent']:.0f}% |"
+            )
+        out.append("")
     return "\n".join(out)
 
 
@@ -179,8 +224,15 @@ def chart_write(path: Path, rows: list[Row]) -> bool:
     except ImportError:
         return False
     w1 = [row for row in rows if row["workload"] == "w1"]
-    w3 = [row for row in rows if row["workload"] == "w3"]
-    panels = (2 if w1 else 0) + (1 if w3 else 0)
+    fanouts = [
+        (title, [row for row in rows if row["workload"] == workload], sent_key)
+        for workload, title, sent_key in (
+            ("w3", "W3 broadcast fan-out", "broadcasts"),
+            ("w5", "W5 topics fan-out", "sent"),
+        )
+    ]
+    fanouts = [panel for panel in fanouts if panel[1]]
+    panels = (2 if w1 else 0) + len(fanouts)
     if not panels:
         return False
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 6), squeeze=False)
@@ -201,19 +253,25 @@ def chart_write(path: Path, rows: list[Row]) -> bool:
         ax.set_ylabel("RTT ms (log)")
         ax.set_title("W1 round-trip time")
         ax.legend()
-    if w3:
+    for title, fanout, sent_key in fanouts:
         ax = axes.pop(0)
         labels = [
-            f"{r['app']}\n{r['accepted']}/{r['broadcasts']} accepted\n{r['delivered_percent']}% delivered" for r in w3
+            f"{r.get('server', 'daphne')} {r['app']}\n{r['accepted']}/{r[sent_key]} accepted\n"
+            f"{r['delivered_percent']}% delivered"
+            for r in fanout
         ]
         width = 0.27
         for offset, key, color in ((-width, "p50", "#8fbf6f"), (0, "p99", "#e0a030"), (width, "max", "#c04040")):
             ax.bar(
-                [i + offset for i in range(len(w3))], [r["latency_ms"][key] for r in w3], width, label=key, color=color
+                [i + offset for i in range(len(fanout))],
+                [r["latency_ms"][key] for r in fanout],
+                width,
+                label=key,
+                color=color,
             )
-        ax.set_xticks(range(len(w3)), labels, fontsize=8)
+        ax.set_xticks(range(len(fanout)), labels, fontsize=8)
         ax.set_ylabel("delivery latency ms")
-        ax.set_title("W3 broadcast fan-out")
+        ax.set_title(title)
         ax.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)

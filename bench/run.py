@@ -17,7 +17,7 @@ from typing import Any
 
 from bench import report
 from bench.servers import cpu_split, open_files_raise, redis_start
-from bench.workloads import w1_pingpong, w2_capacity, w3_fanout
+from bench.workloads import w1_pingpong, w2_capacity, w3_fanout, w5_topics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,7 +29,7 @@ def csv(text: str) -> list[str]:
 def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run of a minute or so)")
-    parser.add_argument("--only", default="w1,w2,w3", help="workloads to run (default w1,w2,w3)")
+    parser.add_argument("--only", default="w1,w2,w3,w5", help="workloads to run (default w1,w2,w3,w5)")
     parser.add_argument("--servers", default="daphne,uvicorn", help="servers for W1 and W2")
     parser.add_argument("--apps", default="project,project-channels-redis,baseline,stock", help="apps for W1 and W2")
     parser.add_argument("--w3-apps", default="project,project-channels-redis,rawfanout,stock", help="apps for W3")
@@ -48,6 +48,13 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w3-rate", type=float, default=20.0, help="broadcasts per second")
     parser.add_argument("--w3-seconds", type=float, default=5.0, help="seconds of broadcasting")
     parser.add_argument("--w3-drain", type=float, default=15.0, help="seconds to wait for late deliveries")
+    parser.add_argument("--w5-servers", default="daphne,uvicorn", help="servers for W5 (the project only)")
+    parser.add_argument("--w5-clients", type=int, default=1_000)
+    parser.add_argument("--w5-nodes", type=int, default=2)
+    parser.add_argument("--w5-rate", type=float, default=100.0, help="publications to random users per second")
+    parser.add_argument("--w5-public-rate", type=float, default=2.0, help="publications to public:all per second")
+    parser.add_argument("--w5-seconds", type=float, default=10.0, help="seconds of publishing")
+    parser.add_argument("--w5-drain", type=float, default=15.0, help="seconds to wait for late deliveries")
     parser.add_argument(
         "--repeat", type=int, default=1, help="run every case N times, interleaved; report the median run"
     )
@@ -58,6 +65,7 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     if options.quick:
         options.connections, options.duration, options.warmup = "20,200", 3.0, 1.0
         options.w2_connections, options.w3_clients, options.w3_seconds, options.w3_drain = 1000, 400, 2.0, 5.0
+        options.w5_clients, options.w5_seconds, options.w5_drain = 100, 2.0, 5.0
     return options
 
 
@@ -162,6 +170,21 @@ def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tu
                             ),
                         )
                     )  # fmt: skip
+    if "w5" in only:
+        if redis_url is None:
+            print("W5 skipped: redis-server is not installed", file=sys.stderr)
+        else:
+            for server in csv(options.w5_servers):
+                plan.append(
+                    (
+                        f"W5 {server} project {options.w5_nodes} nodes {options.w5_clients:,} clients",
+                        lambda say, cores, logs, s=server: w5_topics(
+                            server=s, clients=options.w5_clients, nodes=options.w5_nodes, rate=options.w5_rate,
+                            public_rate=options.w5_public_rate, seconds=options.w5_seconds, drain=options.w5_drain,
+                            redis_url=redis_url, cores=cores, log_dir=logs, say=say,
+                        ),
+                    )
+                )  # fmt: skip
     return plan
 
 
@@ -179,6 +202,13 @@ def summary(row: dict) -> str:
             f"{row['answered']:,} answered, errors {row['errors']}"
         )
     lat = row["latency_ms"]
+    if row["workload"] == "w5":
+        return (
+            f"{row['subscribed']:,}/{row['clients']:,} subscribed (retries {row['subscribe_retries'] or 0}), "
+            f"{row['accepted']}/{row['sent']} accepted {row['statuses']}, {row['delivered']:,}/{row['expected']:,} "
+            f"delivered ({row['delivered_percent']}%), duplicates {row['duplicates']}, misrouted {row['misrouted']}, "
+            f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, client CPU {report.client_cpu(row)}"
+        )
     return (
         f"{row['accepted']}/{row['broadcasts']} accepted, {row['delivered']:,}/{row['expected']:,} delivered "
         f"({row['delivered_percent']}%), "
@@ -253,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     progress.end(f"FAILED: {type(error).__name__}: {error}")
                     failures.append(f"{label}: {type(error).__name__}: {error}")
                     continue
-                uses_redis = (redis_url and not options.no_redis) or row["workload"] == "w3"
+                uses_redis = (redis_url and not options.no_redis) or row["workload"] in ("w3", "w5")
                 row["channel_layer"] = "redis pub/sub" if uses_redis else "in-memory"
                 runs.setdefault(label, []).append(row)
                 progress.end(summary(row))

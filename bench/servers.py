@@ -17,6 +17,8 @@ __all__ = ["LOOPBACK", "ServerProcess", "rss_bytes"]  # re-exported for the work
 
 SECRET = "bench-secret-key-not-for-deployment-0123456789-abcdefghijklmnopqrstuvwxyz"
 TOKEN = "bench-broadcast-token"
+#: PINGPONG_TOKEN_SECRET of every server: W5 signs its clients' connection tokens with it.
+TOKEN_SECRET = "bench-token-secret-not-for-deployment-0123456789"
 
 #: The ASGI application of each app under test; "project" is served by `manage.py serve` on daphne.
 APPS = {
@@ -80,6 +82,7 @@ def server_env(*, redis_url: str | None, app: str = "project") -> dict[str, str]
         PINGPONG_MAX_CONNECTIONS="0",
         PINGPONG_MAX_CONNECTIONS_PER_IP="0",
         PINGPONG_BROADCAST_TOKEN=TOKEN,
+        PINGPONG_TOKEN_SECRET=TOKEN_SECRET,
         PYTHONUNBUFFERED="1",
     )
     if redis_url:

@@ -1,14 +1,15 @@
-"""The three workloads. Each starts its own servers, measures, stops them, and returns one row.
+"""The workloads. Each starts its own servers, measures, stops them, and returns one row.
 
 W1 uses the `loadtest` command's own code (bench.loadgen); W2 reuses its connection
-helpers; W3 uses bench.fanclient, a receive-only client cheap enough for 80,000 frames/s.
+helpers; W3 and W5 use bench.fanclient, a receive-mostly client cheap enough for 80,000 frames/s.
 """
 
 import asyncio
 import json
+import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from bench.loadgen import (
     failure_name,
     percentiles,
 )
-from bench.servers import LOOPBACK, TOKEN, ServerProcess, app_start, process_cpu_seconds, rss_bytes
+from bench.servers import LOOPBACK, TOKEN, TOKEN_SECRET, ServerProcess, app_start, process_cpu_seconds, rss_bytes
 from pingpong import protocol
 
 Say = Callable[[str], None]
@@ -199,23 +200,29 @@ def w2_capacity(
         process.stop()
 
 
-async def broadcast_post(port: int, text: str) -> int:
-    """POST /api/broadcast with the bench token; the HTTP status."""
+async def api_post(port: int, path: str, payload: dict[str, Any]) -> tuple[int, bytes]:
+    """POST `payload` as JSON to `path` with the bench's bearer token; (HTTP status, body)."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    body = json.dumps({"text": text}).encode()
+    body = json.dumps(payload).encode()
     writer.write(
         (
-            f"POST /api/broadcast HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         + body
     )
     try:
         status_line = await asyncio.wait_for(reader.readline(), 30)
-        await asyncio.wait_for(reader.read(), 30)
+        answer = await asyncio.wait_for(reader.read(), 30)
     finally:
         writer.close()
-    return int(status_line.split()[1]) if status_line else 0
+    return (int(status_line.split()[1]) if status_line else 0), answer.partition(b"\r\n\r\n")[2]
+
+
+async def broadcast_post(port: int, text: str) -> int:
+    """POST /api/broadcast with the bench token; the HTTP status."""
+    status, _ = await api_post(port, "/api/broadcast", {"text": text})
+    return status
 
 
 async def _w3_client(
@@ -338,3 +345,299 @@ def w3_fanout(
         for process in started:
             process.stop()
     return {"workload": "w3", "app": app, "server": server, "nodes": nodes, **row}
+
+
+#: W5: every client subscribes to its own user topic and to this one.
+W5_PUBLIC_TOPIC = "public:all"
+#: Seconds for every client's two `subscribed` replies once all are connected.
+W5_SUBSCRIBE_WITHIN = 30.0
+#: Subscribe requests per topic: `unavailable` says "nothing changed, retry", and the client does.
+W5_SUBSCRIBE_ATTEMPTS = 3
+
+
+def user_topic(user: int) -> str:
+    """The topic only user `user` may subscribe to (the `user` namespace's `owner` rule)."""
+    return f"user:{user}"
+
+
+def tokens_issue(user_ids: list[str]) -> list[str]:
+    """A connection token per user, from the project's own `pingpong.tokens.issue` and the servers' secret."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    from pingpong import tokens
+
+    if not settings.configured:
+        settings.configure()  # the benchmark runs no Django project: issue() reads one setting
+    with override_settings(PINGPONG_TOKEN_SECRET=TOKEN_SECRET):
+        return [tokens.issue(user_id) for user_id in user_ids]
+
+
+class W5Deliveries:
+    """What the W5 clients received, parsed as it arrives: each publication once per connection.
+
+    A publication is keyed "topic id". Per client: the first arrival's latency (arrival -
+    `sent_at`), how many arrived again (duplicates), how many were for a topic the client never
+    asked for (misrouted), the topics it was told it is subscribed to and the errors it got
+    as (code, request id).
+    """
+
+    def __init__(self, clients: dict[int, FanoutClient]) -> None:
+        self.clients = clients
+        self.parsed = dict.fromkeys(clients, 0)
+        self.first: dict[int, dict[str, float]] = {user: {} for user in clients}
+        self.subscribed: dict[int, set[str]] = {user: set() for user in clients}
+        self.errors: dict[int, list[tuple[str, Any]]] = {user: [] for user in clients}
+        self.duplicates = 0
+        self.misrouted = 0
+
+    def update(self) -> None:
+        """Parse every frame that arrived since the last call."""
+        for user, client in self.clients.items():
+            frames, start = client.frames, self.parsed[user]
+            if start == len(frames):
+                continue
+            self.parsed[user] = len(frames)
+            own = (user_topic(user), W5_PUBLIC_TOPIC)
+            first = self.first[user]
+            for arrived, payload in frames[start:]:
+                event = json.loads(payload)
+                kind = event.get("type")
+                if kind == protocol.EVENT_PUBLICATION:
+                    if event["topic"] not in own:
+                        self.misrouted += 1
+                        continue
+                    key = f"{event['topic']} {event['id']}"
+                    if key in first:
+                        self.duplicates += 1
+                    else:
+                        first[key] = arrived - event["sent_at"]
+                elif kind == protocol.EVENT_SUBSCRIBED:
+                    self.subscribed[user].add(event["topic"])
+                elif kind == protocol.EVENT_ERROR:
+                    self.errors[user].append((str(event.get("error")), event.get("id")))
+
+    def delivered(self, accepted: set[str], users: Iterable[int]) -> int:
+        """First arrivals of the `accepted` publication keys at the clients of `users`."""
+        return sum(1 for user in users for key in self.first[user] if key in accepted)
+
+
+async def _w5_client(
+    nodes: list[ServerProcess],
+    clients: int,
+    rate: float,
+    public_rate: float,
+    seconds: float,
+    drain: float,
+    say: Say,
+    seed: int,
+) -> Row:
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    say(f"issuing {clients:,} tokens")
+    user_tokens = tokens_issue([str(user) for user in range(clients)])
+    opened: dict[int, FanoutClient] = {}
+    failures: Counter[str] = Counter()
+    attempts: dict[int, Counter[str]] = {}
+
+    def subscribe(user: int, topic: str) -> None:
+        attempts.setdefault(user, Counter())[topic] += 1
+        opened[user].send_text(json.dumps({"type": protocol.REQUEST_SUBSCRIBE, "topic": topic, "id": topic}))
+
+    async def one(user: int) -> None:
+        node = nodes[user % len(nodes)]
+        async with gate:
+            try:
+                client = await fanout_client_open(
+                    host=LOOPBACK, port=node.port, path=f"/ws/?token={user_tokens[user]}", origin=origin(node)
+                )
+            except Exception as error:
+                failures[failure_name(error)] += 1
+                return
+        opened[user] = client
+        for topic in (user_topic(user), W5_PUBLIC_TOPIC):
+            subscribe(user, topic)
+
+    async def report(what: Callable[[], str]) -> None:
+        while True:
+            say(what())
+            await asyncio.sleep(0.25)
+
+    reporter = asyncio.ensure_future(report(lambda: f"connecting {len(opened):,}/{clients:,}"))
+    started = loop.time()
+    try:
+        await asyncio.gather(*(one(user) for user in range(clients)))
+    finally:
+        reporter.cancel()
+    connect_seconds = loop.time() - started
+
+    deliveries = W5Deliveries(opened)
+    refused: dict[int, str] = {}
+    retries: Counter[str] = Counter()
+    handled = dict.fromkeys(opened, 0)
+    waiting = list(opened)
+    for _ in range(int(W5_SUBSCRIBE_WITHIN / 0.1)):
+        deliveries.update()
+        for user in waiting:
+            errors = deliveries.errors[user]
+            for code, topic in errors[handled[user] :]:
+                kind = "public:all" if topic == W5_PUBLIC_TOPIC else "user:<i>"
+                if code == protocol.ERROR_UNAVAILABLE and attempts[user][topic] < W5_SUBSCRIBE_ATTEMPTS:
+                    retries[f"error:{code} on {kind}"] += 1
+                    subscribe(user, topic)
+                else:
+                    refused[user] = f"error:{code} on {kind}"
+            handled[user] = len(errors)
+            if opened[user].close_code is not None:
+                refused[user] = f"closed:{opened[user].close_code}"
+        waiting = [user for user in waiting if len(deliveries.subscribed[user]) < 2 and user not in refused]
+        say(f"subscribing {len(opened) - len(waiting) - len(refused):,}/{len(opened):,}")
+        if not waiting:
+            break
+        await asyncio.sleep(0.1)
+    subscribe_failures = Counter(refused.values()) + Counter("no answer" for _ in waiting)
+    subscribed = sorted(user for user in opened if len(deliveries.subscribed[user]) == 2 and user not in refused)
+    await asyncio.sleep(1.0)
+
+    # The schedule: user publications at `rate`, public ones at `public_rate` (offset by half a
+    # period), each with its own id; alternating nodes in the order they are sent.
+    chooser = random.Random(seed)
+    plan: list[tuple[float, str, str]] = []  # (offset s, topic, id)
+    if subscribed:
+        for index in range(int(rate * seconds)):
+            plan.append((index / rate, user_topic(chooser.choice(subscribed)), f"w5-user-{index}"))
+    for index in range(int(public_rate * seconds)):
+        plan.append(((index + 0.5) / public_rate, W5_PUBLIC_TOPIC, f"w5-public-{index}"))
+    plan.sort()
+    statuses: Counter[str] = Counter()
+    accepted: set[str] = set()
+    accepted_public = [0]
+    cpu_started = cpu_seconds()
+    sending_started = loop.time()
+
+    async def publish(position: int) -> None:
+        offset, topic, publication_id = plan[position]
+        await asyncio.sleep(max(0.0, sending_started + offset - loop.time()))
+        payload = {"topic": topic, "data": {"n": position}, "id": publication_id}
+        try:
+            status, body = await api_post(nodes[position % len(nodes)].port, "/api/publish", payload)
+        except (OSError, TimeoutError):
+            status, body = 0, b""
+        statuses[str(status)] += 1
+        if status == 202:
+            try:
+                publication_id = json.loads(body).get("id", publication_id)
+            except ValueError:
+                pass
+            accepted.add(f"{topic} {publication_id}")
+            accepted_public[0] += topic == W5_PUBLIC_TOPIC
+
+    def expected() -> int:
+        return len(accepted) - accepted_public[0] + accepted_public[0] * len(subscribed)
+
+    reporter = asyncio.ensure_future(
+        report(lambda: f"publishing {sum(statuses.values())}/{len(plan)} accepted {len(accepted)}")
+    )
+    try:
+        await asyncio.gather(*(publish(position) for position in range(len(plan))))
+        reporter.cancel()
+        delivered = 0
+        for _ in range(int(drain / 0.1)):
+            deliveries.update()
+            delivered = deliveries.delivered(accepted, subscribed)
+            say(f"draining: delivered {delivered:,}/{expected():,}")
+            if delivered >= expected():
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        reporter.cancel()
+    window = loop.time() - sending_started
+    client_cpu = cpu_seconds() - cpu_started
+    deliveries.update()
+    delivered = deliveries.delivered(accepted, subscribed)
+    # Accepted publications that reached a connection never told it is subscribed to their topic.
+    delivered_unsubscribed = sum(
+        1
+        for user in opened
+        for key in deliveries.first[user]
+        if key in accepted and key.partition(" ")[0] not in deliveries.subscribed[user]
+    )
+    closed_by_server = sum(1 for client in opened.values() if client.close_code is not None)
+    latencies: dict[str, list[float]] = {"user": [], "public": []}
+    unaccepted = 0
+    for user in subscribed:
+        for key, latency in deliveries.first[user].items():
+            if key in accepted:
+                latencies["public" if key.startswith(W5_PUBLIC_TOPIC + " ") else "user"].append(latency)
+            else:
+                unaccepted += 1
+    for client in opened.values():
+        client.close()
+    sent_user = sum(1 for _, topic, _ in plan if topic != W5_PUBLIC_TOPIC)
+    return {
+        "clients": clients,
+        "opened": len(opened),
+        "failed": sum(failures.values()),
+        "failures": dict(failures),
+        "subscribed": len(subscribed),
+        "subscribe_failures": dict(subscribe_failures),
+        "subscribe_retries": dict(retries),
+        "connect_seconds": round(connect_seconds, 3),
+        "rate": rate,
+        "public_rate": public_rate,
+        "seconds": seconds,
+        "sent": len(plan),
+        "sent_user": sent_user,
+        "sent_public": len(plan) - sent_user,
+        "accepted": len(accepted),
+        "accepted_public": accepted_public[0],
+        "statuses": dict(sorted(statuses.items())),
+        "expected": expected(),
+        "delivered": delivered,
+        "delivered_percent": round(100 * delivered / expected(), 2) if expected() else 0.0,
+        "duplicates": deliveries.duplicates,
+        "misrouted": deliveries.misrouted,
+        # Publications the API did not answer 202 (504: outcome unknown) that arrived anyway.
+        "delivered_unaccepted": unaccepted,
+        "delivered_unsubscribed": delivered_unsubscribed,
+        "latency_ms": ms(percentiles(latencies["user"] + latencies["public"])),
+        "latency_user_ms": ms(percentiles(latencies["user"])),
+        "latency_public_ms": ms(percentiles(latencies["public"])),
+        "client_cpu_percent": round(100 * client_cpu / window, 1) if window else 0.0,
+        "client_bound": bool(window) and 100 * client_cpu / window > loadgen.CLIENT_BOUND_PERCENT,
+        "closed_by_server": closed_by_server,
+    }
+
+
+def w5_topics(
+    *,
+    server: str = "daphne",
+    clients: int,
+    nodes: int,
+    rate: float,
+    public_rate: float,
+    seconds: float,
+    drain: float,
+    redis_url: str,
+    cores,
+    log_dir: Path,
+    say: Say,
+    seed: int = 5,
+) -> Row:
+    """Topics fan-out: `clients` token users over `nodes` nodes of the project, each subscribed to its own
+    `user:<i>` and to `public:all`; publications through POST /api/publish to random users at `rate`
+    and to `public:all` at `public_rate`, for `seconds`."""
+    started: list[ServerProcess] = []
+    try:
+        for _ in range(nodes):
+            started.append(app_start(app="project", server=server, redis_url=redis_url, cores=cores, log_dir=log_dir))
+        cpu_before = sum(process_cpu_seconds(p.pid) for p in started)
+        began = time.monotonic()
+        row = run_async(_w5_client(started, clients, rate, public_rate, seconds, drain, say, seed))
+        row["server_cpu_percent"] = round(
+            100 * (sum(process_cpu_seconds(p.pid) for p in started) - cpu_before) / (time.monotonic() - began), 1
+        )
+    finally:
+        for process in started:
+            process.stop()
+    return {"workload": "w5", "app": "project", "server": server, "nodes": nodes, **row}

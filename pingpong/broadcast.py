@@ -63,15 +63,23 @@ def request_from(payload: Any) -> BroadcastRequest:
     limit = settings.PINGPONG_MAX_BROADCAST_BYTES
     if size > limit:
         raise BroadcastInvalid(f'"text" is limited to {limit} bytes of UTF-8.')
+    return BroadcastRequest(text=text, id=id_from(payload))
+
+
+def id_from(payload: dict[str, Any]) -> str:
+    """The request's `"id"` (optional, for retries; a new one when absent), or BroadcastInvalid.
+
+    Broadcasts and publications from the server (`/api/publish`) share these rules.
+    """
     if "id" not in payload:
-        return BroadcastRequest(text=text, id=uuid.uuid4().hex)
-    broadcast_id = payload["id"]
-    if not (isinstance(broadcast_id, str) and _ID.fullmatch(broadcast_id)):
+        return uuid.uuid4().hex
+    given = payload["id"]
+    if not (isinstance(given, str) and _ID.fullmatch(given)):
         raise BroadcastInvalid(
             f'"id" is optional; when given it is a string of 1 to {protocol.BROADCAST_ID_MAX_CHARS} '
             "characters from A-Z, a-z, 0-9 and . _ : -"
         )
-    return BroadcastRequest(text=text, id=broadcast_id)
+    return given
 
 
 def make_event(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:

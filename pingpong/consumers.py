@@ -11,7 +11,8 @@ from urllib.parse import parse_qs
 
 from channels.exceptions import AcceptConnection, DenyConnection
 
-from pingpong import broadcast, history, layer_calls, metrics, protocol, tokens, topics
+from pingpong import broadcast, history, layer_calls, metrics, protocol, tokens, topic_presence, topics
+from pingpong.auth import SESSION_UNAVAILABLE
 from pingpong.broadcast import BroadcastOutcomeUnknown
 from pingpong.conf import setting
 from pingpong.layer_calls import ChannelLayerUnavailable
@@ -216,6 +217,14 @@ class PingPongConsumer(GuardedWebsocketConsumer):
                 await self.refuse_token(str(error))
                 return
             self.identity = token_identity(claims)
+        elif SESSION_UNAVAILABLE in self.scope:
+            # The browser has a session, but its user could not be read: anonymous would be wrong.
+            await self.refuse(
+                protocol.CloseCode.TRY_AGAIN_LATER,
+                protocol.ERROR_UNAVAILABLE,
+                "The session could not be read (the database is unreachable); try again later.",
+            )
+            return
         await self.accept()
         self.watch_token()
 
@@ -248,7 +257,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
                 text_data=protocol.error_event(
                     protocol.ERROR_UNKNOWN_MESSAGE,
                     'Send the text "ping" (answered with "pong!") or a JSON request: {"type": "ping"}, '
-                    '"subscribe", "unsubscribe", "publish", "auth" or "refresh" (see the README).',
+                    '"subscribe", "unsubscribe", "publish", "presence", "auth" or "refresh" (see the README).',
                     request.get("id") if request is not None else None,
                 )
             )
@@ -313,6 +322,8 @@ class PingPongConsumer(GuardedWebsocketConsumer):
                     protocol.ERROR_UNAVAILABLE,
                     "Publications arrived faster than this subscription could join them with the history; retry.",
                 )
+            if topic not in self.subscriptions:  # a resubscribe with `since` is in the presence list already
+                await topic_presence.join(namespace, topic=topic, client=self.connection_id, user=self.identity.user_id)
         except TopicRefused:
             self.joining.pop(topic, None)
             if topic not in self.subscriptions:
@@ -365,6 +376,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         self.subscriptions.discard(topic)
         self.positions.pop(topic, None)
         await self.leave_topic(topic)
+        await topic_presence.leave([topic], client=self.connection_id)
         await self.reply(protocol.EVENT_UNSUBSCRIBED, request, topic=topic)
 
     async def publish(self, request: Message) -> None:
@@ -384,6 +396,13 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             ) from None
         await self.reply(protocol.EVENT_PUBLISHED, request, topic=topic)
 
+    async def presence(self, request: Message) -> None:
+        """Who is subscribed to a topic this connection subscribes to (a namespace with presence)."""
+        topic = topics.valid_topic(request.get("topic"))
+        if topic not in self.subscriptions:
+            raise TopicRefused(protocol.ERROR_NOT_SUBSCRIBED, "Subscribe to the topic first to see its presence.")
+        await self.reply(protocol.EVENT_PRESENCE, request, **await topic_presence.listing(topic))
+
     async def auth(self, request: Message) -> None:
         if self.identity.is_authenticated:
             raise TopicRefused(protocol.ERROR_BAD_REQUEST, "This connection has a user already; send refresh.")
@@ -398,6 +417,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         protocol.REQUEST_SUBSCRIBE: subscribe,
         protocol.REQUEST_UNSUBSCRIBE: unsubscribe,
         protocol.REQUEST_PUBLISH: publish,
+        protocol.REQUEST_PRESENCE: presence,
         protocol.REQUEST_AUTH: auth,
         protocol.REQUEST_REFRESH: refresh,
     }
@@ -531,6 +551,11 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             metrics.SENT_PUBLICATION.inc()
             await self.send(text_data=event)
 
+    async def topic_join_leave(self, message: Message) -> None:
+        """Another connection's join or leave on a subscribed topic; a connection's own join is not echoed."""
+        if message.get("topic") in self.subscriptions and message.get("client") != self.connection_id:
+            await self.send(text_data=message["event"])
+
     async def leave_topic(self, topic: str) -> None:
         assert self.channel_layer is not None
         try:
@@ -553,6 +578,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
         self.joining = {}
         for topic in subscriptions:
             await self.leave_topic(topic)
+        await topic_presence.leave(subscriptions, client=self.connection_id)
 
 
 class EchoConsumer(GuardedWebsocketConsumer):

@@ -90,7 +90,18 @@ class LoopHistogram:
 
 RECEIVED = {
     kind: LoopCounter()
-    for kind in ("ping", "json_ping", "other", "binary", "subscribe", "unsubscribe", "publish", "auth", "refresh")
+    for kind in (
+        "ping",
+        "json_ping",
+        "other",
+        "binary",
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "presence",
+        "auth",
+        "refresh",
+    )
 }
 SENT = {kind: LoopCounter() for kind in ("pong", "error", "broadcast", "echo", "publication")}
 HANDLER_SECONDS = LoopHistogram((0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25))

@@ -200,6 +200,9 @@ def start() -> None:
     task = _refreshers.get(loop)
     if task is None or task.done():
         _refreshers[loop] = loop.create_task(refresh_forever(), name="pingpong-presence")
+        from pingpong import topic_presence  # who is on which topic: it sweeps dead nodes from boot
+
+        topic_presence.start()
 
 
 async def stop() -> None:
@@ -208,6 +211,9 @@ async def stop() -> None:
     task = _refreshers.pop(loop, None)
     if task is not None:
         task.cancel()
+        from pingpong import topic_presence
+
+        await topic_presence.stop()
     _write_errors.pop(loop, None)
     client = _clients.pop(loop, None)
     if client is None:

@@ -21,7 +21,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 4008  # 1008: over the per-connection rate limit
     MESSAGE_TOO_BIG = 4009  # 1009: over PINGPONG_MAX_MESSAGE_BYTES
     SERVICE_RESTART = 4012  # 1012: the node is draining (SIGTERM)
-    TRY_AGAIN_LATER = 4013  # 1013: node full, address at its cap, or channel layer unreachable
+    TRY_AGAIN_LATER = 4013  # 1013: node full, address at its cap, channel layer or a session's database unreachable
     # No RFC 6455 code means "you read too slowly", so this one sits outside the 4000 + RFC range.
     SLOW_CONSUMER = 4100  # more than PINGPONG_MAX_PENDING_BYTES waited for the client
     # Like HTTP 401: a bad, expired or wrongly signed token. Get a new token, then reconnect.
@@ -90,6 +90,9 @@ REQUEST_REFRESH: Final = "refresh"  # {"type": "refresh", "token": ...}: a later
 REQUEST_SUBSCRIBE: Final = "subscribe"
 REQUEST_UNSUBSCRIBE: Final = "unsubscribe"
 REQUEST_PUBLISH: Final = "publish"
+# {"type": "presence", "topic": ...}: who is subscribed to a topic this connection subscribes to,
+# in a namespace with "presence" (else ERROR_BAD_REQUEST; unsubscribed: ERROR_NOT_SUBSCRIBED).
+REQUEST_PRESENCE: Final = "presence"
 
 # Event types of the JSON text events the server pushes (`pong!` stays plain text).
 EVENT_BROADCAST: Final = "broadcast"
@@ -101,6 +104,18 @@ EVENT_SUBSCRIBED: Final = "subscribed"
 EVENT_UNSUBSCRIBED: Final = "unsubscribed"
 EVENT_PUBLISHED: Final = "published"
 EVENT_PUBLICATION: Final = "publication"
+EVENT_PRESENCE: Final = "presence"  # {"topic", "connections", "users", "clients": [{"client", "user"}], "truncated"}
+# In a namespace with "join_leave": {"type": "join"|"leave", "topic", "user", "client"} when another
+# connection subscribes, or unsubscribes, disconnects or dies with its node (a connection's own join is not echoed).
+EVENT_JOIN: Final = "join"
+EVENT_LEAVE: Final = "leave"
+
+# Channel-layer message type for a join or leave event; handled by `topic_join_leave`.
+PRESENCE_MESSAGE: Final = "topic.join_leave"
+# A presence answer lists at most this many connections, and at most this many bytes of their
+# ids (a user id may be long); its counts are always exact, and "truncated" says a list was cut.
+PRESENCE_LIST_MAX: Final = 100
+PRESENCE_LIST_MAX_BYTES: Final = 32 * 1024
 
 # Topic history (pingpong.history): a publication to a topic whose namespace keeps history carries
 # "offset" (1, 2, 3, ... per topic) and "epoch" (changes when the history may have been lost);

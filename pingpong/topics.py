@@ -36,12 +36,17 @@ PUBLISH_RULES: Final = ("server", "authenticated", "anyone")
 HISTORY_MAX_SIZE: Final = 100_000
 HISTORY_MAX_TTL: Final = 30 * 86400
 
+# Presence (who is subscribed) and join/leave events are off by default: on a public topic
+# they would show every reader to every other; a namespace config turns them on.
 DEFAULT_NAMESPACES: Final[dict[str, dict[str, Any]]] = {
     # The last 100 publications of each topic for 5 minutes: a client that reconnects recovers what it missed.
     "public": {"subscribe": "anyone", "publish": "server", "history_size": 100, "history_ttl": 300},
     "user": {"subscribe": "owner", "publish": "server", "history_size": 100, "history_ttl": 300},
 }
-NAMESPACE_FIELDS: Final = frozenset({"subscribe", "publish", "history_size", "history_ttl"})
+# The namespace fields a PINGPONG_NAMESPACES entry may set.
+NAMESPACE_RULES: Final = frozenset({"subscribe", "publish"})
+NAMESPACE_FLAGS: Final = frozenset({"presence", "join_leave"})
+NAMESPACE_HISTORY: Final = frozenset({"history_size", "history_ttl"})
 
 
 class TopicRefused(ValueError):
@@ -59,8 +64,15 @@ class Namespace:
     name: str
     subscribe: str = "anyone"
     publish: str = "server"
+    presence: bool = False  # who is subscribed: GET /api/presence/<topic> and the "presence" request
+    join_leave: bool = False  # subscribers get "join" and "leave" events
     history_size: int = 0  # publications kept per topic
     history_ttl: int = 0  # seconds a topic's history is kept after its last publication
+
+    @property
+    def tracked(self) -> bool:
+        """Whether this namespace's subscriptions are recorded (pingpong.topic_presence)."""
+        return self.presence or self.join_leave
 
     @property
     def has_history(self) -> bool:
@@ -92,11 +104,14 @@ def namespaces_from(config: Mapping[str, Any] | None) -> dict[str, Namespace]:
     for name, rules in merged.items():
         if rules is None:
             continue
-        if not isinstance(rules, dict) or set(rules) - NAMESPACE_FIELDS:
+        if not isinstance(rules, dict) or set(rules) - NAMESPACE_RULES - NAMESPACE_FLAGS - NAMESPACE_HISTORY:
             raise ImproperlyConfigured(
-                f'PINGPONG_NAMESPACES["{name}"] must be an object with "subscribe" and "publish" rules '
-                'and, for history, "history_size" and "history_ttl".'
+                f'PINGPONG_NAMESPACES["{name}"] must be an object with "subscribe" and "publish" rules, '
+                'optionally "presence" and "join_leave" (true or false), and for history "history_size" '
+                'and "history_ttl".'
             )
+        if any(not isinstance(rules[flag], bool) for flag in NAMESPACE_FLAGS & set(rules)):
+            raise ImproperlyConfigured(f'PINGPONG_NAMESPACES["{name}"]: "presence" and "join_leave" are true or false.')
         namespace = Namespace(name=name, **rules)
         if namespace.subscribe not in SUBSCRIBE_RULES or namespace.publish not in PUBLISH_RULES:
             raise ImproperlyConfigured(

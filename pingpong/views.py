@@ -1,18 +1,20 @@
-"""HTTP views: the page, health and readiness probes, the broadcast and history APIs."""
+"""HTTP views: the page, health and readiness probes, the broadcast, publish and history APIs."""
 
 import hmac
 import json
+from collections.abc import Awaitable
 from typing import Any
 
 import prometheus_client
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import render
+from django.shortcuts import render, resolve_url
+from django.urls import NoReverseMatch
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
-from pingpong import broadcast, history, layer_calls, presence, protocol, topics
+from pingpong import broadcast, history, layer_calls, presence, protocol, publishing, topic_presence, topics
 from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
 from pingpong.conf import setting
 from pingpong.layer_calls import ChannelLayerUnavailable
@@ -30,16 +32,25 @@ def error_response(status: int, error: str, detail: str, **headers: str) -> Json
     return response
 
 
+def login_path() -> str:
+    """Where the page sends anonymous visitors to sign in: settings.LOGIN_URL (a URL name or a path)."""
+    try:
+        return resolve_url(settings.LOGIN_URL)
+    except NoReverseMatch:  # a project without a view of that name: Django's default path
+        return "/accounts/login/"
+
+
 def index(request: HttpRequest) -> HttpResponse:
-    """The live page: ping/pong round-trip time, connection state, broadcasts."""
-    context: dict[str, Any] = {
-        "ping": protocol.PING,
-        "pong": protocol.PONG,
-        "terminal_codes": sorted(
-            int(code) for code in protocol.TERMINAL_CLOSE_CODES
-        ),  # plain numbers for the JSON config
+    """The live page: round-trip time, connection state, broadcasts, the user and their topics."""
+    user = request.user  # the session's user: the same the websocket gets through AuthMiddlewareStack
+    config: dict[str, Any] = {
+        "ws_path": "/ws/",
+        "stats_url": "/api/stats",
+        "login_url": f"{login_path()}?next=/",
+        "terminal_codes": sorted(int(code) for code in protocol.TERMINAL_CLOSE_CODES),  # plain numbers
+        "user": {"id": str(user.pk), "name": user.get_username()} if user.is_authenticated else None,
     }
-    return render(request, "pingpong/index.html", context)
+    return render(request, "pingpong/index.html", {"config": config})
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -63,16 +74,28 @@ async def readyz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ready"})
 
 
+def bearer_token_matches(request: HttpRequest, expected: str) -> bool:
+    """Constant-time check of `Authorization: Bearer <token>`."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
 def api_token() -> str:
-    """The bearer token of the HTTP API: PINGPONG_API_TOKEN, or its older name PINGPONG_BROADCAST_TOKEN."""
+    """The API's bearer token: PINGPONG_API_TOKEN, or its old name PINGPONG_BROADCAST_TOKEN when it is unset."""
     return getattr(settings, "PINGPONG_API_TOKEN", "") or getattr(settings, "PINGPONG_BROADCAST_TOKEN", "")
 
 
-def api_refusal(request: HttpRequest, *, what: str) -> JsonResponse | None:
-    """The 403 (no token configured) or 401 (wrong token) for an API request, or None when it may go on."""
+def api_refusal(request: HttpRequest, *, what: str = "The API") -> JsonResponse | None:
+    """403 when no API token is configured, 401 when the request does not carry it; None when it does.
+
+    `what` names the refused action in the 403's sentence ("Broadcasting").
+    """
     token = api_token()
     if not token:
-        return error_response(403, protocol.ERROR_DISABLED, f"{what} is disabled: PINGPONG_API_TOKEN is not set.")
+        detail = f"{what} is disabled: PINGPONG_API_TOKEN (or its old name PINGPONG_BROADCAST_TOKEN) is not set."
+        return error_response(403, protocol.ERROR_DISABLED, detail)
     if not bearer_token_matches(request, token):
         return error_response(
             401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
@@ -80,12 +103,71 @@ def api_refusal(request: HttpRequest, *, what: str) -> JsonResponse | None:
     return None
 
 
-def bearer_token_matches(request: HttpRequest, expected: str) -> bool:
-    """Constant-time check of `Authorization: Bearer <token>`."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(given.strip().encode(), expected.encode())
+class ApiRefused(Exception):
+    """An API request answered with an error before anything is sent; `response` is the answer."""
+
+    def __init__(self, response: JsonResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def api_payload(request: HttpRequest, *, what: str) -> Any:
+    """The JSON body of an authorized POST to the API, or ApiRefused (405, 403, 401, 413, 400).
+
+    `what` names the refused action in the 403's sentence ("Broadcasting").
+    """
+    if request.method != "POST":
+        raise ApiRefused(error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use POST.", Allow="POST"))
+    refusal = api_refusal(request, what=what)
+    if refusal is not None:
+        raise ApiRefused(refusal)
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise ApiRefused(error_response(413, protocol.ERROR_TOO_LARGE, "The request body is too large.")) from None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiRefused(error_response(400, protocol.ERROR_BAD_REQUEST, "The body is not valid JSON.")) from None
+
+
+async def api_send(send: Awaitable[dict[str, Any]], *, sent_id: str, what: str, **accepted: str) -> JsonResponse:
+    """Await a retry-safe send: 202 `{"status": "accepted", **accepted, "id"}` (with the publication's
+    `offset` and `epoch` on a topic with history), or 503 / 504 with the id."""
+    try:
+        result = await send
+    except BroadcastOutcomeUnknown as error:
+        detail = f"The {what} may or may not have been sent ({error}); retry with the same id."
+        return JsonResponse({"error": protocol.ERROR_OUTCOME_UNKNOWN, "detail": detail, "id": sent_id}, status=504)
+    except ChannelLayerUnavailable as error:
+        detail = f"The channel layer is unavailable ({error}); nothing was sent."
+        return JsonResponse({"error": protocol.ERROR_UNAVAILABLE, "detail": detail, "id": sent_id}, status=503)
+    position = {key: result[key] for key in ("offset", "epoch") if key in result}  # a topic with history
+    return JsonResponse({"status": "accepted", **accepted, **position, "id": sent_id}, status=202)
+
+
+# HTTP statuses of the topic refusals the presence API can meet.
+_REFUSAL_STATUS = {
+    protocol.ERROR_BAD_TOPIC: 400,
+    protocol.ERROR_BAD_REQUEST: 400,
+    protocol.ERROR_UNKNOWN_NAMESPACE: 404,
+    protocol.ERROR_UNAVAILABLE: 503,
+}
+
+
+@csrf_exempt  # a bearer-token API: no cookie, so no CSRF; other methods get 405, not CSRF's 403
+@never_cache
+async def api_presence(request: HttpRequest, topic: str) -> JsonResponse:
+    """GET /api/presence/<topic> with the API token: who is subscribed (see pingpong.topic_presence)."""
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use GET.", Allow="GET, HEAD")
+    refusal = api_refusal(request)
+    if refusal is not None:
+        return refusal
+    try:
+        return JsonResponse(await topic_presence.listing(topic))
+    except TopicRefused as refused:
+        return error_response(_REFUSAL_STATUS.get(refused.error, 400), refused.error, str(refused))
 
 
 @csrf_exempt
@@ -95,35 +177,31 @@ async def api_broadcast(request: HttpRequest) -> JsonResponse:
     503 means nothing was sent; 504 means the outcome is unknown, and a retry with the same
     id is safe: each node delivers an id at most once (see pingpong.broadcast).
     """
-    if request.method != "POST":
-        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use POST.", Allow="POST")
-    token = settings.PINGPONG_BROADCAST_TOKEN
-    if not token:
-        return error_response(
-            403, protocol.ERROR_DISABLED, "Broadcasting is disabled: PINGPONG_BROADCAST_TOKEN is not set."
-        )
-    if not bearer_token_matches(request, token):
-        return error_response(
-            401, protocol.ERROR_UNAUTHORIZED, "Send Authorization: Bearer <token>.", WWW_Authenticate="Bearer"
-        )
     try:
-        body = request.body
-    except RequestDataTooBig:
-        return error_response(413, protocol.ERROR_TOO_LARGE, "The request body is too large.")
+        wanted = broadcast.request_from(api_payload(request, what="Broadcasting"))
+    except ApiRefused as refused:
+        return refused.response
+    except BroadcastInvalid as error:
+        return error_response(400, protocol.ERROR_BAD_REQUEST, str(error))
+    return await api_send(broadcast.send(text=wanted.text, broadcast_id=wanted.id), sent_id=wanted.id, what="broadcast")
+
+
+@csrf_exempt
+async def api_publish(request: HttpRequest) -> JsonResponse:
+    """POST /api/publish {"topic": T, "data": <JSON>, "id": "..."} with a bearer token: publish to T's subscribers.
+
+    The server may publish to any topic in a known namespace. 503 and 504 as for broadcasts.
+    """
     try:
-        wanted = broadcast.request_from(json.loads(body))
-    except (ValueError, RecursionError) as error:  # JSON errors and BroadcastInvalid
-        detail = str(error) if isinstance(error, BroadcastInvalid) else "The body is not valid JSON."
-        return error_response(400, protocol.ERROR_BAD_REQUEST, detail)
-    try:
-        event = await broadcast.send(text=wanted.text, broadcast_id=wanted.id)
-    except BroadcastOutcomeUnknown as error:
-        detail = f"The broadcast may or may not have been sent ({error}); retry with the same id."
-        return JsonResponse({"error": protocol.ERROR_OUTCOME_UNKNOWN, "detail": detail, "id": wanted.id}, status=504)
-    except ChannelLayerUnavailable as error:
-        detail = f"The channel layer is unavailable ({error}); nothing was sent."
-        return JsonResponse({"error": protocol.ERROR_UNAVAILABLE, "detail": detail, "id": wanted.id}, status=503)
-    return JsonResponse({"status": "accepted", "id": event["id"]}, status=202)
+        wanted = publishing.request_from(api_payload(request, what="Publishing"))
+        topics.namespace_for(wanted.topic)
+        topics.data_text(wanted.data)  # refused here, not as a failed send
+    except ApiRefused as refused:
+        return refused.response
+    except TopicRefused as error:
+        return error_response(400, error.error, str(error))
+    send = publishing.apublish(wanted.topic, wanted.data, id=wanted.id)
+    return await api_send(send, sent_id=wanted.id, what="publication", topic=wanted.topic)
 
 
 @never_cache

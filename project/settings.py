@@ -75,6 +75,9 @@ DATABASES = {
         env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"), conn_max_age=60, conn_health_checks=True
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # libpq waits forever for a host that drops packets; a handshake (and `serve --migrate`'s retry) may not.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "index"
@@ -159,9 +162,17 @@ else:
     }
 
 # pingpong's own settings; names, defaults and meaning are listed in the README.
+# The bearer token of /api/broadcast and /api/publish; PINGPONG_BROADCAST_TOKEN is its old name,
+# read when PINGPONG_API_TOKEN is unset (PINGPONG_API_TOKEN wins when both are).
+PINGPONG_API_TOKEN = env_str("PINGPONG_API_TOKEN")
 PINGPONG_BROADCAST_TOKEN = env_str("PINGPONG_BROADCAST_TOKEN")
 # Signs connection tokens (pingpong.tokens); unset, none is issued or accepted.
 PINGPONG_TOKEN_SECRET = env_str("PINGPONG_TOKEN_SECRET")
+if PINGPONG_TOKEN_SECRET and len(PINGPONG_TOKEN_SECRET.encode()) < 32:
+    # RFC 7518 wants an HS256 key at least as long as the hash; a short one can be brute-forced.
+    sys.exit(
+        "pingpong: PINGPONG_TOKEN_SECRET must be at least 32 bytes (python -c 'import secrets; print(secrets.token_urlsafe(32))')."
+    )
 try:
     PINGPONG_NAMESPACES = json.loads(env_str("PINGPONG_NAMESPACES", "null"))
 except ValueError:

@@ -1,11 +1,15 @@
 """The benchmark's own logic at tiny sizes: real servers, real clients, rows with every key."""
 
+import json
+from types import SimpleNamespace
+
 import pytest
 
 from bench import report
 from bench.run import main
 from bench.servers import cpu_split
-from bench.workloads import w1_pingpong, w2_capacity, w3_fanout
+from bench.workloads import W5Deliveries, w1_pingpong, w2_capacity, w3_fanout, w5_topics
+from tests.processes import scaled
 
 
 def quiet(detail: str) -> None:
@@ -52,6 +56,53 @@ def test_w3_on_the_raw_fanout_delivers_every_broadcast(redis_server, logs):
     )  # fmt: skip
     assert row["expected"] == 4 * 3
     assert row["delivered"] == row["expected"]
+
+
+@pytest.mark.redis
+def test_w5_delivers_every_publication_exactly_once_to_exactly_its_subscribers(redis_server, logs):
+    row = w5_topics(
+        clients=20, nodes=2, rate=10, public_rate=2, seconds=2, drain=scaled(10),
+        redis_url=redis_server.url, cores=None, log_dir=logs, say=quiet,
+    )  # fmt: skip
+    assert (row["workload"], row["server"], row["nodes"]) == ("w5", "daphne", 2)
+    assert (row["opened"], row["subscribed"], row["subscribe_failures"]) == (20, 20, {})
+    assert (row["sent"], row["sent_user"], row["sent_public"]) == (24, 20, 4)
+    assert row["statuses"] == {"202": 24}
+    assert row["expected"] == 20 + 4 * 20  # a user publication reaches one client, a public:all one all 20
+    assert row["delivered"] == row["expected"]
+    assert (row["duplicates"], row["misrouted"], row["delivered_unaccepted"], row["delivered_unsubscribed"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    assert isinstance(row["subscribe_retries"], dict)
+    for key in ("latency_ms", "latency_user_ms", "latency_public_ms"):
+        assert set(row[key]) == {"p50", "p90", "p99", "max"}
+    assert {"client_cpu_percent", "client_bound", "server_cpu_percent", "connect_seconds"} <= set(row)
+    assert report.w5_delivery_verdict(row).endswith(" met")
+    assert "| daphne | 2 | 20/20 | " in report.table([row])
+
+
+def test_w5_counts_a_repeated_publication_as_a_duplicate_and_another_users_as_misrouted():
+    def publication(topic, publication_id):
+        event = {"type": "publication", "topic": topic, "id": publication_id, "sent_at": 100.0, "data": 1}
+        return (100.25, json.dumps(event).encode())
+
+    frames = [
+        (99.0, b'{"type":"subscribed","topic":"user:0","id":"user:0"}'),
+        (99.0, b'{"type":"subscribed","topic":"public:all","id":"public:all"}'),
+        publication("user:0", "a"),
+        publication("user:0", "a"),
+        publication("public:all", "b"),
+        publication("user:1", "c"),
+    ]
+    deliveries = W5Deliveries({0: SimpleNamespace(frames=frames)})
+    deliveries.update()
+    assert deliveries.subscribed[0] == {"user:0", "public:all"}
+    assert (deliveries.duplicates, deliveries.misrouted) == (1, 1)
+    assert deliveries.first[0] == {"user:0 a": 0.25, "public:all b": 0.25}
+    assert deliveries.delivered({"user:0 a", "user:1 c"}, [0]) == 1
 
 
 def test_ratios_and_verdicts_compare_the_project_with_the_baseline_of_the_same_run():

@@ -8,7 +8,9 @@ import math
 import re
 import shutil
 import subprocess
+import tomllib
 
+import dj_database_url
 import pytest
 import yaml
 
@@ -46,6 +48,32 @@ def test_at_least_two_app_replicas_share_the_redis_url():
     assert APP["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_postgres_has_a_healthcheck_a_volume_and_its_password_from_the_environment():
+    postgres = SERVICES["postgres"]
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    volume = postgres["volumes"][0].split(":")
+    assert volume[0] in COMPOSE["volumes"] and volume[1] == "/var/lib/postgresql/data"
+    assert postgres["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+
+
+def test_app_replicas_use_the_postgres_service_and_wait_until_it_is_healthy():
+    postgres = SERVICES["postgres"]["environment"]
+    assert APP["depends_on"]["postgres"]["condition"] == "service_healthy"
+    password = re.fullmatch(r"postgres://\w+:(\$\{POSTGRES_PASSWORD:\?[^}]*\})@.*", APP_ENV["DATABASE_URL"])
+    assert password is not None, "the password comes from the environment, never the file"
+    database = dj_database_url.parse(APP_ENV["DATABASE_URL"].replace(password.group(1), "secret"))
+    assert database["ENGINE"] == "django.db.backends.postgresql"
+    assert (database["HOST"], database["PORT"]) == ("postgres", 5432)
+    assert (database["NAME"], database["USER"]) == (postgres["POSTGRES_DB"], postgres["POSTGRES_USER"])
+
+
+def test_the_image_installs_the_postgres_driver_and_migrates_before_serving():
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(dependency.startswith("psycopg[binary]") for dependency in dependencies)
+    assert "pip install ." in DOCKERFILE
+    assert '"manage.py", "serve", "--migrate"' in DOCKERFILE
+
+
 def test_app_is_production_configured_and_checks_readiness():
     assert APP_ENV["DJANGO_DEBUG"] == "0"
     assert "?" in APP_ENV["DJANGO_SECRET_KEY"], "compose must refuse to start without a secret"
@@ -76,6 +104,10 @@ def test_load_balancer_upgrades_websockets_and_sets_the_client_ip_header():
     assert "proxy_set_header Connection $connection_upgrade;" in NGINX
     header = APP_ENV["PINGPONG_PROXY_HEADER"]
     assert f"proxy_set_header {header} $remote_addr;" in NGINX
+
+
+def test_load_balancer_passes_the_host_with_its_port_for_the_login_forms_csrf_origin_check():
+    assert "proxy_set_header Host $http_host;" in NGINX
 
 
 def test_load_balancer_read_timeout_outlasts_the_heartbeat():
@@ -132,15 +164,19 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+SECRETS = {"DJANGO_SECRET_KEY": "x" * 50, "POSTGRES_PASSWORD": "p" * 32}
+
+
 def test_compose_config_validates_where_docker_compose_exists():
-    result = compose_config({"DJANGO_SECRET_KEY": "x" * 50})
+    result = compose_config(SECRETS)
     assert result.returncode == 0, result.stderr
 
 
-def test_compose_refuses_to_start_without_a_secret():
-    result = compose_config({})
+@pytest.mark.parametrize("secret", sorted(SECRETS))
+def test_compose_refuses_to_start_without_a_secret(secret):
+    result = compose_config({name: value for name, value in SECRETS.items() if name != secret})
     assert result.returncode != 0
-    assert "DJANGO_SECRET_KEY" in result.stderr
+    assert secret in result.stderr
 
 
 def dockerfile_env() -> dict[str, str]:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
@@ -52,6 +53,13 @@ RATE_BURST = 40
 MAX_CONNECTIONS_PER_IP = 12
 # Proposed setting (see the report): Twisted keeps a stalled HTTP request open for 12 hours.
 HTTP_IDLE_TIMEOUT = 3
+TOKEN_SECRET = "corpus-token-secret-" + "0123456789abcdef" * 3
+MAX_SUBSCRIPTIONS = 20
+# A namespace with presence and join/leave events, beside the defaults (which keep neither).
+NAMESPACES = {
+    "room": {"subscribe": "anyone", "publish": "server", "presence": True, "join_leave": True},
+    "plain": {"subscribe": "anyone", "publish": "anyone"},  # no history
+}
 
 Probe = Callable[[DaphneNode], str]
 
@@ -286,6 +294,17 @@ def api(
     return probe
 
 
+def api_presence(topic: str, *, method: str = "GET", token: str | None = TOKEN) -> Probe:
+    """One request to /api/presence/<topic>."""
+
+    def probe(node: DaphneNode) -> str:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        status, _ = http_request(f"{node.http}/api/presence/{topic}", method=method, headers=headers)
+        return f"http {status}"
+
+    return probe
+
+
 def http_plain(path: str) -> Probe:
     """A plain HTTP GET, no upgrade."""
 
@@ -334,6 +353,26 @@ def subscribe_since(topic: str, since: object, *, raw: str | None = None) -> Pro
     return probe
 
 
+def ws_opened(path: str) -> Probe:
+    """Connect to `path`, send `ping`, report the first answer (then `open`, or how it closed)."""
+
+    def probe(node: DaphneNode) -> str:
+        try:
+            with ws_client(node, path) as ws:
+                try:
+                    ws.send("ping")
+                except ConnectionClosed:
+                    pass  # refused at once: what it said is still read below
+                return ", ".join(ws_replies(ws, 1))
+        except ConnectionClosed as closed:
+            return f"close {closed.rcvd.code}" if closed.rcvd else "dropped"
+        except Exception as error:  # the handshake itself was refused
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            return f"http {status}" if status else "dropped"
+
+    return probe
+
+
 def api_history(query: str, *, topic: str = "public:corpus", token: str | None = TOKEN) -> Probe:
     """GET /api/history/<topic>?<query>; the status."""
 
@@ -343,6 +382,32 @@ def api_history(query: str, *, topic: str = "public:corpus", token: str | None =
         return f"http {status}"
 
     return probe
+
+
+def subscribe_flood(count: int) -> Probe:
+    """`count` subscribe requests to distinct public topics at once: how many were subscribed, then every other answer once."""
+
+    def probe(node: DaphneNode) -> str:
+        with ws_connect_sync(f"ws://{LOOPBACK}:{node.port}/ws/", close_timeout=2, max_queue=None) as ws:
+            for index in range(count):
+                try:
+                    ws.send(json.dumps({"type": "subscribe", "topic": f"public:flood{index}", "id": index}))
+                except ConnectionClosed:
+                    break  # closed mid-burst: what it said is still read below
+            replies = ws_replies(ws, count)
+            others = [summary for summary in dict.fromkeys(replies) if summary != "subscribed"]
+            return ", ".join([f"subscribed {replies.count('subscribed')}", *others])
+
+    return probe
+
+
+def token(*, key: str = TOKEN_SECRET, algorithm: str = "HS256", **claims: object) -> str:
+    """A JWT for the corpus node: `sub` "corpus" valid for a minute unless `claims` say otherwise."""
+    return jwt.encode({"sub": "corpus", "exp": int(time.time()) + 86400, **claims}, key, algorithm=algorithm)
+
+
+def request(**fields: object) -> str:
+    return json.dumps(fields)
 
 
 def deep_json(depth: int) -> str:
@@ -608,6 +673,141 @@ ROWS = [
     Row("history API: an unknown namespace", api_history("since=0", topic="nowhere:x"), "http 404"),
     Row("history API: a topic of 300 characters", api_history("since=0", topic="public:" + "x" * 300), "http 400"),
     Row("history API: a topic with a bad character", api_history("since=0", topic="public:a%20b"), "http 400"),
+    # Tokens: each refused one is answered `unauthorized` and close 4401, never a 500 or a 1011.
+    Row("token: valid, then a ping", ws_opened(f"/ws/?token={token()}"), "pong!, open"),
+    Row("token: garbage", ws_opened("/ws/?token=garbage"), "error unauthorized, close 4401"),
+    Row("token: empty", ws_opened("/ws/?token="), "error unauthorized, close 4401"),
+    Row(
+        "token: alg none",
+        ws_opened("/ws/?token=eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ."),
+        "error unauthorized, close 4401",
+    ),
+    Row(
+        "token: wrong signature",
+        ws_opened(f"/ws/?token={token(key='not-the-secret-' + 'x' * 40)}"),
+        "error unauthorized, close 4401",
+    ),
+    Row(
+        "token: HS512",
+        ws_opened(f"/ws/?token={token(key='k' * 64, algorithm='HS512')}"),
+        "error unauthorized, close 4401",
+    ),
+    Row(
+        "token: expired", ws_opened(f"/ws/?token={token(exp=int(time.time()) - 60)}"), "error unauthorized, close 4401"
+    ),
+    Row("token: no sub", ws_opened(f"/ws/?token={token(sub=None)}"), "error unauthorized, close 4401"),
+    Row("token: sub is a number", ws_opened(f"/ws/?token={token(sub=5)}"), "error unauthorized, close 4401"),
+    Row(
+        "token: topics is a string", ws_opened(f"/ws/?token={token(topics='user:x')}"), "error unauthorized, close 4401"
+    ),
+    Row("token: 5 KB", ws_opened("/ws/?token=" + "a" * 5000), "error unauthorized, close 4401"),
+    Row(
+        "token: 100 KB in the URL",
+        ws_opened("/ws/?token=" + "a" * 100_000),
+        "http 400 | http 414 | http 431 | dropped | error unauthorized, close 4401",
+    ),
+    Row(
+        "token: twice in the query", ws_opened(f"/ws/?token=garbage&token={token()}"), "error unauthorized, close 4401"
+    ),
+    Row("auth: token is a number", ws_texts(request(type="auth", token=5)), "error unauthorized, close 4401"),
+    Row("auth: no token", ws_texts(request(type="auth")), "error unauthorized, close 4401"),
+    Row("auth: valid", ws_texts(request(type="auth", token=token())), "authenticated, open"),
+    Row("refresh: anonymous", ws_texts(request(type="refresh", token=token())), "error bad_request, open"),
+    # Topics: every refusal is an error event; the connection stays open.
+    Row("subscribe: public topic", ws_texts(request(type="subscribe", topic="public:corpus")), "subscribed, open"),
+    Row(
+        "subscribe: topic of 129 characters",
+        ws_texts(request(type="subscribe", topic="public:" + "x" * 122)),
+        "error bad_topic, open",
+    ),
+    Row(
+        "subscribe: topic of 900 characters",
+        ws_texts(request(type="subscribe", topic="x" * 900)),
+        "error bad_topic, open",
+    ),
+    Row(
+        "subscribe: topic with a newline",
+        ws_texts(request(type="subscribe", topic="public:a\nb")),
+        "error bad_topic, open",
+    ),
+    Row(
+        "subscribe: topic with a lone surrogate",
+        ws_texts('{"type": "subscribe", "topic": "public:\\ud800"}'),
+        "error bad_topic, open",
+    ),
+    Row("subscribe: topic is null", ws_texts(request(type="subscribe", topic=None)), "error bad_topic, open"),
+    Row("subscribe: topic is an object", ws_texts(request(type="subscribe", topic={"a": 1})), "error bad_topic, open"),
+    Row("subscribe: no topic", ws_texts(request(type="subscribe")), "error bad_topic, open"),
+    Row(
+        "subscribe: unknown namespace",
+        ws_texts(request(type="subscribe", topic="admin:all")),
+        "error unknown_namespace, open",
+    ),
+    Row("subscribe: empty namespace", ws_texts(request(type="subscribe", topic=":x")), "error unknown_namespace, open"),
+    Row(
+        "subscribe: another user's topic, anonymous",
+        ws_texts(request(type="subscribe", topic="user:corpus")),
+        "error forbidden, open",
+    ),
+    Row(
+        "subscribe: another user's topic, with a token",
+        ws_texts(request(type="auth", token=token()), request(type="subscribe", topic="user:someone-else")),
+        "authenticated, error forbidden, open",
+    ),
+    Row(
+        "subscribe: over the subscription cap",
+        subscribe_flood(MAX_SUBSCRIPTIONS + 10),
+        f"subscribed {MAX_SUBSCRIPTIONS}, error too_many_subscriptions, open",
+    ),
+    Row(
+        "subscribe: thousands of requests",
+        subscribe_flood(2000),
+        f"subscribed {MAX_SUBSCRIPTIONS}, error too_many_subscriptions, error rate_limited, close 4008",
+    ),
+    Row(
+        "unsubscribe: not subscribed",
+        ws_texts(request(type="unsubscribe", topic="public:never")),
+        "error not_subscribed, open",
+    ),
+    Row(
+        "publish: a server-only namespace",
+        ws_texts(request(type="publish", topic="public:x", data=1)),
+        "error forbidden, open",
+    ),
+    Row("publish: no data", ws_texts(request(type="publish", topic="public:x")), "error bad_request, open"),
+    Row(
+        "presence: a subscribed topic with presence",
+        ws_texts(request(type="subscribe", topic="room:corpus"), request(type="presence", topic="room:corpus")),
+        "subscribed, presence, open",
+    ),
+    Row(
+        "presence: a topic it is not subscribed to",
+        ws_texts(request(type="presence", topic="room:corpus")),
+        "error not_subscribed, open",
+    ),
+    Row(
+        "presence: a forbidden topic",
+        ws_texts(request(type="subscribe", topic="user:other"), request(type="presence", topic="user:other")),
+        "error forbidden, error not_subscribed, open",
+    ),
+    Row(
+        "presence: an unknown namespace",
+        ws_texts(request(type="presence", topic="admin:all")),
+        "error not_subscribed, open",
+    ),
+    Row(
+        "presence: a subscribed topic without presence",
+        ws_texts(request(type="subscribe", topic="public:corpus"), request(type="presence", topic="public:corpus")),
+        "subscribed, error bad_request, open",
+    ),
+    Row("presence: topic is a number", ws_texts(request(type="presence", topic=5)), "error bad_topic, open"),
+    Row("presence: no topic", ws_texts(request(type="presence")), "error bad_topic, open"),
+    Row("request: unknown type with an id", ws_texts(request(type="subscribe!", id=1)), "error unknown_message, open"),
+    Row(
+        "request: type is a list",
+        ws_texts(request(type=["subscribe"], topic="public:x")),
+        "error unknown_message, open",
+    ),
     # The HTTP API.
     Row("broadcast: valid", api_broadcast("hello from the corpus"), "http 202, delivered"),
     Row("broadcast: not JSON", api(body=b"{"), "http 400"),
@@ -647,6 +847,14 @@ ROWS = [
     Row("broadcast: empty bearer", api(body=b'{"text": "hi"}', auth="Bearer "), "http 401"),
     Row("broadcast: Basic scheme", api(body=b'{"text": "hi"}', auth=f"Basic {TOKEN}"), "http 401"),
     Row("broadcast: non-ASCII token", api(body=b'{"text": "hi"}', auth="Bearer t\xf6ken"), "http 401"),
+    Row("presence API: a topic with presence", api_presence("room:corpus"), "http 200"),
+    Row("presence API: no token", api_presence("room:corpus", token=None), "http 401"),
+    Row("presence API: wrong token", api_presence("room:corpus", token="wrong"), "http 401"),
+    Row("presence API: a topic without presence", api_presence("public:corpus"), "http 400"),
+    Row("presence API: an unknown namespace", api_presence("admin:all"), "http 404"),
+    Row("presence API: a bad topic", api_presence("room:" + "x" * 200), "http 400"),
+    Row("presence API: a topic with a slash", api_presence("room:a/b"), "http 404"),
+    Row("presence API: POST", api_presence("room:corpus", method="POST"), "http 405"),
 ]
 
 
@@ -669,7 +877,9 @@ def node(module_daphne_nodes) -> DaphneNode:
             "PINGPONG_RATE_BURST": str(RATE_BURST),
             "PINGPONG_HTTP_IDLE_TIMEOUT": str(HTTP_IDLE_TIMEOUT),
             "PINGPONG_MAX_CONNECTIONS_PER_IP": str(MAX_CONNECTIONS_PER_IP),
-            "PINGPONG_NAMESPACES": json.dumps({"plain": {"subscribe": "anyone", "publish": "anyone"}}),
+            "PINGPONG_TOKEN_SECRET": TOKEN_SECRET,
+            "PINGPONG_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS),
+            "PINGPONG_NAMESPACES": json.dumps(NAMESPACES),
         }
     )
 

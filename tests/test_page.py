@@ -8,11 +8,13 @@ Screenshots (server down, and back) are left in artifacts/ for a human to look a
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from django.conf import settings
 
-from tests.processes import ROOT, SERVERS, DaphneNode, api_broadcast
+from tests.processes import ROOT, SERVERS, DaphneNode, RedisServer, api_broadcast, manage, node_env
 
 # Every test runs against `manage.py serve --server daphne` and `--server uvicorn`; one browser serves both.
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.parametrize("server", SERVERS, scope="module")]
@@ -141,3 +143,155 @@ def test_page_stops_reconnecting_after_a_terminal_close_code(page, daphne_nodes)
     page.wait_for_timeout(2_000)  # longer than the first backoff step could be
     assert page.evaluate("window.pingpong.reconnects") == 0
     expect(page.locator("#state")).to_have_attribute("data-state", "stopped")
+
+
+# Run by `manage.py shell -c` against the test nodes' database: a user, and a session of theirs made by
+# Django's own login (Client.force_login); prints the user's id and the session key.
+NEW_USER_WITH_SESSION = """
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.test import Client
+user = get_user_model().objects.create_user({username!r})
+client = Client()
+client.force_login(user)
+print(user.pk, client.cookies[settings.SESSION_COOKIE_NAME].value)
+"""
+
+
+def new_user_with_session() -> tuple[str, str]:
+    """A new user in the nodes' test database (tests.processes.database_url) and a session of theirs: (id, key)."""
+    code = NEW_USER_WITH_SESSION.format(username=f"page-{uuid.uuid4().hex[:12]}")
+    done = manage("shell", "-c", code, env=node_env())
+    assert done.returncode == 0, done.stderr
+    user_id, session_key = done.stdout.split()[-2:]
+    return user_id, session_key
+
+
+def publish_from_another_process(redis: RedisServer, topic: str, data: object) -> None:
+    """Publish with `topics.apublish` from a process of its own, through the nodes' Redis."""
+    # Until POST /api/publish lands on main: then this becomes one call to it.
+    code = f"import asyncio; from pingpong import topics; asyncio.run(topics.apublish({topic!r}, {data!r}))"
+    done = manage("shell", "-c", code, env=node_env({"REDIS_URL": redis.url}))
+    assert done.returncode == 0, done.stderr
+
+
+def subscribe_on_the_page(page, topic: str) -> None:
+    page.fill("#topic", topic)
+    page.click("#topic-form button[type=submit]")
+
+
+@pytest.mark.redis
+def test_a_logged_in_user_sees_their_publications_live_and_is_refused_another_users_topic(
+    page, daphne_nodes, redis_server
+):
+    from playwright.sync_api import expect
+
+    node = daphne_nodes(env={**NODE_ENV, "REDIS_URL": redis_server.url})
+    user_id, session_key = new_user_with_session()
+    other_id, _ = new_user_with_session()
+    page.context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": session_key, "url": node.http}])
+    page.goto(f"{node.http}/")
+    expect(page.locator("#user-id")).to_have_text(user_id)
+    page.wait_for_function("window.pingpong.state === 'open'")
+
+    mine, theirs = f"user:{user_id}", f"user:{other_id}"
+    subscribe_on_the_page(page, mine)
+    expect(page.locator(f'#subscriptions li[data-topic="{mine}"]')).to_have_attribute("data-state", "subscribed")
+    publish_from_another_process(redis_server, mine, {"text": "for you only"})
+    expect(page.locator("#publications li").first).to_contain_text(mine)
+    expect(page.locator("#publications li").first).to_contain_text("for you only")
+
+    subscribe_on_the_page(page, theirs)
+    expect(page.locator("#topic-status")).to_contain_text(f"{theirs}: forbidden")
+    expect(page.locator(f'#subscriptions li[data-topic="{theirs}"]')).to_have_attribute("data-state", "refused")
+    # Refused by the server, not only on the page: their publication never arrives, ours after it does.
+    publish_from_another_process(redis_server, theirs, {"text": "not for you"})
+    publish_from_another_process(redis_server, mine, {"text": "still yours"})
+    expect(page.locator("#publications li").first).to_contain_text("still yours")
+    assert "not for you" not in page.locator("#publications").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"page-topics-{node.server}.png", full_page=True)
+
+
+# pingpong.js on its own: a second client on the page (for its origin), driven from the test.
+TOKEN_SECRET = "page-test-token-secret-0123456789abcdef"
+ROOM_ENV = {**NODE_ENV, "PINGPONG_NAMESPACES": '{"room": {"subscribe": "anyone", "publish": "anyone"}}'}
+
+
+def test_pingpong_js_subscribes_again_to_every_topic_after_a_reconnect(page, daphne_nodes):
+    node = daphne_nodes(env=ROOM_ENV)
+    page.goto(f"{node.http}/")
+    page.evaluate("""() => {
+        window.got = [];
+        window.client = new PingPong("/ws/");
+        return window.client.subscribe("room:1", data => window.got.push(data.n));
+    }""")
+    page.evaluate("window.client.socket.close(1000)")  # a clean close: not terminal, so the client comes back
+    page.wait_for_function("window.client.state === 'open' && window.client.reconnects === 1", timeout=RECONNECT_WAIT)
+    # The server delivers a publication to its own publisher too, when it is subscribed.
+    assert page.evaluate("window.client.publish('room:1', {n: 2}).then(reply => reply.type)") == "published"
+    page.wait_for_function("window.got.includes(2)")
+    assert page.evaluate("window.client.lastClose") == 1000
+
+
+def test_pingpong_js_subscribes_again_within_the_servers_rate_limit(page, daphne_nodes):
+    # 40 topics subscribed at once would be 40 requests in a burst of 20: closed with 4008.
+    node = daphne_nodes(env={**ROOM_ENV, "PINGPONG_RATE_BURST": "20"})
+    page.goto(f"{node.http}/")
+    replies = page.evaluate("""() => {
+        window.client = new PingPong("/ws/", {autoConnect: false});
+        const waiting = [];
+        for (let n = 0; n < 40; n++) waiting.push(window.client.subscribe("room:" + n).then(reply => reply.type));
+        window.client.connect();  // the 40 parked subscribes go out on open
+        return Promise.all(waiting);
+    }""")
+    assert replies == ["subscribed"] * 40
+    assert page.evaluate("[window.client.state, window.client.lastClose]") == ["open", None]
+
+
+def test_pingpong_js_stops_on_4401_without_a_way_to_get_a_token(page, daphne_nodes):
+    node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
+    page.goto(f"{node.http}/")
+    page.evaluate("window.client = new PingPong('/ws/', {token: 'not-a-token'})")
+    page.wait_for_function("window.client.state === 'stopped'")
+    assert page.evaluate("window.client.lastClose") == 4401
+    page.wait_for_timeout(2_000)  # longer than the first backoff step could be
+    assert page.evaluate("[window.client.state, window.client.reconnects]") == ["stopped", 0]
+
+
+def test_pingpong_js_gets_a_new_token_after_4401_and_reconnects_as_its_user(page, daphne_nodes, settings):
+    from pingpong import tokens
+
+    settings.PINGPONG_TOKEN_SECRET = TOKEN_SECRET
+    good = tokens.issue("42", ttl=3600)
+    node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
+    page.goto(f"{node.http}/")
+    page.evaluate(
+        "good => { window.client = new PingPong('/ws/', {token: 'not-a-token', getToken: () => good}); }", good
+    )
+    page.wait_for_function("window.client.lastClose === 4401 && window.client.state === 'open'", timeout=RECONNECT_WAIT)
+    # user:42 is only for user 42: the new token is the one in use.
+    assert page.evaluate("window.client.subscribe('user:42').then(reply => reply.type)") == "subscribed"
+
+
+def test_pingpong_js_refreshes_an_expiring_token_and_is_not_closed_at_its_exp(page, daphne_nodes, settings):
+    from pingpong import tokens
+
+    settings.PINGPONG_TOKEN_SECRET = TOKEN_SECRET
+    short = tokens.issue("42", ttl=4)  # under TOKEN_WARNING_SECONDS: token_expiring comes at once
+    expires_at = tokens.verify(short).expires_at
+    later = tokens.issue("42", ttl=3600)
+    node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
+    page.goto(f"{node.http}/")
+    page.evaluate(
+        """([short, later]) => {
+            window.refreshed = null;
+            window.client = new PingPong('/ws/', {token: short, getToken: () => later});
+            window.client.on("authenticated", event => { window.refreshed = event.expires_at; });
+        }""",
+        [short, later],
+    )
+    page.wait_for_function("window.refreshed !== null")
+    assert page.evaluate("window.refreshed") > expires_at
+    page.wait_for_function("exp => Date.now() / 1000 > exp + 1", arg=expires_at, timeout=SHORT_WAIT)
+    assert page.evaluate("[window.client.state, window.client.lastClose]") == ["open", None]

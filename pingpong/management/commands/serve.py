@@ -44,11 +44,19 @@ class Command(BaseCommand):
             help="server processes on the one port (default 1); auto: one per CPU this process may use "
             "(affinity, capped by a cgroup CPU quota). More than 1 needs REDIS_URL",
         )
+        parser.add_argument(
+            "--migrate",
+            action="store_true",
+            help="apply migrations first, waiting for the database to accept connections (up to 60 s); "
+            "replicas starting together on PostgreSQL take turns",
+        )
         # Set by the supervisor on the processes it starts: bind the port with SO_REUSEPORT.
         parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
     def handle(self, *args: Any, **options: Any) -> None:
         count = self.workers_count(options["workers"])
+        if options["migrate"] and options["worker_index"] is None:
+            self.migrate()
         if count > 1 and options["worker_index"] is None:
             sys.exit(self.supervise(count, options))
         self.serve(options)
@@ -67,6 +75,17 @@ class Command(BaseCommand):
                 "layer, so a broadcast would reach only the clients of the worker that took the API call."
             )
         return 1
+
+    def migrate(self) -> None:
+        """`--migrate`: the database migrated before any worker starts (pingpong.database)."""
+        from django.db import DatabaseError
+
+        from pingpong import database
+
+        try:
+            database.migrate(timeout=database.WAIT_SECONDS)
+        except DatabaseError as error:
+            raise CommandError(f"cannot migrate the database: {str(error).strip()}") from error
 
     def supervise(self, count: int, options: dict[str, Any]) -> int:
         """Reserve the port, start `count` workers on it and supervise them; the exit status."""

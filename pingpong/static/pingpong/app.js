@@ -1,4 +1,4 @@
-// The live page: ping every second, chart the round trip, list broadcasts, reconnect with backoff.
+// The live page on pingpong.js: ping every second, chart the round trip, list broadcasts, subscribe to topics.
 "use strict";
 (function () {
   const config = JSON.parse(document.getElementById("config").textContent);
@@ -10,84 +10,134 @@
     online: document.getElementById("online"),
     chart: document.getElementById("chart"),
     broadcasts: document.getElementById("broadcasts"),
+    topicForm: document.getElementById("topic-form"),
+    topic: document.getElementById("topic"),
+    topicStatus: document.getElementById("topic-status"),
+    subscriptions: document.getElementById("subscriptions"),
+    publications: document.getElementById("publications"),
   };
+  // Everything goes through pingpong.js: connection, backoff, close-code policy, topics.
+  const client = new PingPong(config.ws_path, { terminalCodes: config.terminal_codes, autoConnect: false });
   // Exposed for the browser test and for anyone poking at the page in devtools.
-  const page = (window.pingpong = { state: "connecting", rtt: null, samples: [], drops: [], reconnects: 0, lastClose: null });
-  let socket = null;
+  const page = (window.pingpong = { client: client, state: client.state, rtt: null, samples: [], drops: [], topics: {} });
+  ["socket", "reconnects", "lastClose"].forEach(function (name) {
+    Object.defineProperty(page, name, { get: function () { return client[name]; } });
+  });
   let pingTimer = null;
-  let sentAt = null;
-  let attempt = 0;
+  let pinging = false;
 
   // `detail` is the small print under the state: the close code and what happens next.
-  function setState(state, detail) {
+  client.on("state", function (state, detail) {
+    if (page.state === "open" && state !== "open") {
+      page.drops.push(Date.now());
+      draw();
+    }
     page.state = state;
     els.state.dataset.state = state;
     document.body.dataset.state = state; // the stylesheet greys out figures that went stale
     els.state.textContent = state;
-    els.detail.textContent = detail || "";
-  }
-
-  function connect() {
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    setState("connecting");
-    socket = page.socket = new WebSocket(scheme + "//" + location.host + config.ws_path);
-    socket.onopen = function () {
-      attempt = 0;
-      setState("open");
-      sentAt = null;
+    let small = "";
+    if (state === "closed" && detail.delay !== undefined) {
+      small = "code " + detail.code + ", retry " + (client.reconnects + 1) + " in " + (detail.delay / 1000).toFixed(1) + " s";
+    } else if (state === "closed" || state === "stopped") {
+      small = "code " + detail.code + (detail.reason ? ", " + detail.reason : "");
+    }
+    els.detail.textContent = small;
+    clearInterval(pingTimer);
+    if (state === "open") {
+      pinging = false;
       sendPing();
       pingTimer = setInterval(sendPing, 1000);
       refreshOnline(); // count ourselves now rather than at the next 5 s tick
-    };
-    socket.onmessage = function (message) { receive(message.data); };
-    socket.onclose = function (event) {
-      clearInterval(pingTimer);
-      page.lastClose = event.code;
-      if (page.state === "open") {
-        page.drops.push(Date.now());
-        draw();
-      }
-      if (config.terminal_codes.indexOf(event.code) !== -1) {
-        setState("stopped", "code " + event.code + ", not reconnecting");
-        return;
-      }
-      // Exponential backoff with full jitter, capped at 30 s.
-      const delay = Math.random() * Math.min(30000, 500 * Math.pow(2, attempt++));
-      setState("closed", "code " + event.code + ", retry " + (page.reconnects + 1) + " in " + (delay / 1000).toFixed(1) + " s");
-      setTimeout(function () { page.reconnects++; connect(); }, delay);
-    };
-  }
+    }
+  });
 
   function sendPing() {
-    if (sentAt !== null && performance.now() - sentAt < 5000) return; // one ping in flight
-    sentAt = performance.now();
-    socket.send(config.ping);
+    if (pinging) return; // one ping in flight; the client times it out
+    pinging = true;
+    client.ping().then(
+      function (pong) {
+        pinging = false;
+        page.rtt = pong.rtt;
+        page.samples.push({ at: Date.now(), rtt: pong.rtt });
+        els.rtt.textContent = pong.rtt.toFixed(1) + " ms";
+        draw();
+      },
+      function () { pinging = false; }
+    );
   }
 
-  function receive(data) {
-    if (data === config.pong) {
-      const rtt = performance.now() - sentAt;
-      sentAt = null;
-      page.rtt = rtt;
-      page.samples.push({ at: Date.now(), rtt: rtt });
-      els.rtt.textContent = rtt.toFixed(1) + " ms";
-      draw();
+  client.on("broadcast", function (event) {
+    prepend(els.broadcasts, event.sent_at, [document.createTextNode(event.text)]);
+  });
+  client.on("error", function (event) {
+    if (event.topic) showTopic(event.topic, "refused", event.error); // a re-subscribe after a reconnect was refused
+    console.warn("pingpong error:", event.error, event.detail);
+  });
+
+  // A list item that starts with the time; the list keeps the newest 50.
+  function prepend(list, sentAt, nodes) {
+    const item = document.createElement("li");
+    const when = document.createElement("time");
+    when.textContent = new Date((sentAt || Date.now() / 1000) * 1000).toLocaleTimeString();
+    item.appendChild(when);
+    nodes.forEach(function (node) { item.appendChild(node); });
+    list.insertBefore(item, list.firstChild);
+    while (list.children.length > 50) list.removeChild(list.lastChild);
+  }
+
+  // Topics: subscribe from the box, list each topic with its state, show publications as they come.
+  function showTopic(topic, state, error) {
+    page.topics[topic] = state;
+    let item = els.subscriptions.querySelector('li[data-topic="' + CSS.escape(topic) + '"]');
+    if (state === "gone") {
+      if (item) item.remove();
       return;
     }
-    let event;
-    try { event = JSON.parse(data); } catch (e) { return; }
-    if (event.type === "broadcast") {
-      const item = document.createElement("li");
-      const when = document.createElement("time");
-      when.textContent = new Date((event.sent_at || Date.now() / 1000) * 1000).toLocaleTimeString();
-      item.appendChild(when);
-      item.appendChild(document.createTextNode(event.text));
-      els.broadcasts.insertBefore(item, els.broadcasts.firstChild);
-      while (els.broadcasts.children.length > 50) els.broadcasts.removeChild(els.broadcasts.lastChild);
-    } else if (event.type === "error") {
-      console.warn("pingpong error:", event.error, event.detail);
+    if (!item) {
+      item = document.createElement("li");
+      item.dataset.topic = topic;
+      const name = document.createElement("code");
+      name.textContent = topic;
+      const label = document.createElement("span");
+      label.className = "topic-state";
+      const leave = document.createElement("button");
+      leave.type = "button";
+      leave.textContent = "unsubscribe";
+      leave.onclick = function () {
+        client.unsubscribe(topic).catch(function () {});
+        showTopic(topic, "gone");
+      };
+      item.append(name, " ", label, " ", leave);
+      els.subscriptions.appendChild(item);
     }
+    item.dataset.state = state;
+    item.querySelector(".topic-state").textContent = error ? state + ": " + error : state;
+    item.querySelector("button").hidden = state === "refused";
   }
+
+  els.topicForm.addEventListener("submit", function (submitted) {
+    submitted.preventDefault();
+    const topic = els.topic.value.trim();
+    if (!topic) return;
+    els.topicStatus.textContent = "";
+    showTopic(topic, "subscribing");
+    client
+      .subscribe(topic, function (data, event) {
+        const name = document.createElement("code");
+        name.textContent = event.topic;
+        prepend(els.publications, event.sent_at, [name, document.createTextNode(" " + JSON.stringify(data))]);
+      })
+      .then(
+        function () { if (page.topics[topic] === "subscribing") showTopic(topic, "subscribed"); },
+        function (error) {
+          if (page.topics[topic] !== "subscribing") return; // unsubscribed meanwhile
+          showTopic(topic, "refused", error.error);
+          els.topicStatus.dataset.error = error.error;
+          els.topicStatus.textContent = topic + ": " + error.error + (error.detail ? " (" + error.detail + ")" : "");
+        }
+      );
+  });
 
   // Samples further apart than this, or either side of a drop, are two runs: the line breaks there.
   const GAP_MS = 3000;
@@ -180,7 +230,7 @@
       .catch(function () {});
   }
 
-  connect();
+  client.connect();
   refreshOnline();
   setInterval(refreshOnline, 5000);
   draw();
