@@ -349,7 +349,9 @@ class PingPongConsumer(GuardedWebsocketConsumer):
     async def join_live(self, topic: str) -> None:
         """Deliver what live delivery buffered while the history was read, then deliver live directly."""
         joining = self.joining[topic]
-        for _ in range(protocol.JOIN_BUFFER_MAX + 1):  # it only shrinks once nothing more arrives
+        # Bounded: publications may keep arriving while these are sent; a connection that has not
+        # caught up after JOIN_BUFFER_MAX + 1 of them takes them slower than they come.
+        for _ in range(protocol.JOIN_BUFFER_MAX + 1):
             if not joining.messages or joining.overflowed:
                 break
             await self.deliver_publication(topic, joining.messages.popleft())
