@@ -22,6 +22,7 @@ Concurrent identical reads in one process share one Redis call (`ReadFlights`).
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import secrets
 import time
@@ -255,8 +256,6 @@ class Script:
     """A Lua script run with EVALSHA, falling back to EVAL (which caches it) when Redis lacks it."""
 
     def __init__(self, source: str) -> None:
-        import hashlib
-
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
