@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -502,12 +503,15 @@ async def _w5_client(
     # The schedule: user publications at `rate`, public ones at `public_rate` (offset by half a
     # period), each with its own id; alternating nodes in the order they are sent.
     chooser = random.Random(seed)
+    # Ids unique to this run: a topic with history remembers ids in Redis (a repeated id is a retry,
+    # not published again), and the runs of one bench share a Redis.
+    run = uuid.uuid4().hex[:8]
     plan: list[tuple[float, str, str]] = []  # (offset s, topic, id)
     if subscribed:
         for index in range(int(rate * seconds)):
-            plan.append((index / rate, user_topic(chooser.choice(subscribed)), f"w5-user-{index}"))
+            plan.append((index / rate, user_topic(chooser.choice(subscribed)), f"w5-{run}-user-{index}"))
     for index in range(int(public_rate * seconds)):
-        plan.append(((index + 0.5) / public_rate, W5_PUBLIC_TOPIC, f"w5-public-{index}"))
+        plan.append(((index + 0.5) / public_rate, W5_PUBLIC_TOPIC, f"w5-{run}-public-{index}"))
     plan.sort()
     statuses: Counter[str] = Counter()
     accepted: set[str] = set()

@@ -12,17 +12,19 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from channels.layers import InMemoryChannelLayer
+from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 from django.conf import settings
 
 from pingpong import layer_calls, metrics, protocol
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.layers import PUBLISH_PROGRESS, PingpongPubSubChannelLayer, PublishProgress
 from pingpong.local_layer import LocalChannelLayer
+
+T = TypeVar("T")
 
 _ID = re.compile(protocol.BROADCAST_ID_PATTERN)
 
@@ -110,10 +112,19 @@ async def send_message(group: str, message: dict[str, Any]) -> None:
     the PUBLISH was written but not confirmed.
     """
     layer = layer_calls.get_layer()
+    await send_call(layer.group_send(group, message), layer=layer, operation="group_send")
+
+
+async def send_call(awaitable: Awaitable[T], *, layer: BaseChannelLayer, operation: str) -> T:
+    """Await one publishing call on `layer` within the layer deadline, telling "not sent" from "unknown".
+
+    Raises ChannelLayerUnavailable when nothing was sent, and BroadcastOutcomeUnknown when
+    the command was written but not confirmed.
+    """
     progress = PublishProgress()
     reset = PUBLISH_PROGRESS.set(progress)
     try:
-        await layer_calls.call(layer.group_send(group, message), operation="group_send")
+        return await layer_calls.call(awaitable, operation=operation)
     except ChannelLayerUnavailable as error:
         if progress.written or not isinstance(layer, _LAYERS_THAT_KNOW_NOTHING_WAS_SENT):
             raise BroadcastOutcomeUnknown(str(error)) from error

@@ -27,6 +27,8 @@ DEFAULTS: Final[dict[str, Any]] = {
     # A dotted path to `(identity, action, topic) -> bool`, sync or async, asked after the namespace rules.
     "PINGPONG_AUTHORIZE": "",
     "PINGPONG_MAX_SUBSCRIPTIONS": 100,
+    # Most publications one recovery (subscribe with `since`) returns; more missed: "recovered": false.
+    "PINGPONG_MAX_RECOVER": 1_000,
 }
 
 

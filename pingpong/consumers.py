@@ -5,12 +5,13 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.exceptions import AcceptConnection, DenyConnection
 
-from pingpong import broadcast, layer_calls, metrics, protocol, tokens, topic_presence, topics
+from pingpong import broadcast, history, layer_calls, metrics, protocol, tokens, topic_presence, topics
 from pingpong.auth import SESSION_UNAVAILABLE
 from pingpong.broadcast import BroadcastOutcomeUnknown
 from pingpong.conf import setting
@@ -203,6 +204,9 @@ class PingPongConsumer(GuardedWebsocketConsumer):
     async def connect(self) -> None:
         self.identity = session_identity(self.scope)
         self.subscriptions: set[str] = set()
+        # Topics with history: (epoch, offset) of the last publication sent, and joins in progress.
+        self.positions: dict[str, tuple[str, int]] = {}
+        self.joining: dict[str, JoinBuffer] = {}
         self.token_timers: list[asyncio.TimerHandle] = []
         self.tasks: set[asyncio.Task[None]] = set()
         token = query_token(self.scope)
@@ -265,39 +269,114 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             await self.send_error(refused.error, str(refused), request.get("id"))
 
     async def subscribe(self, request: Message) -> None:
+        """Join the topic's group; with history, answer its position and recover what the client missed.
+
+        With history the join is: subscribe live first (publications now go to a buffer), read
+        the history, send the reply and the recovered publications, then the buffer, dropping by
+        offset what the history already gave: no gap and no duplicate between history and live.
+        """
         topic = topics.valid_topic(request.get("topic"))
-        if topic in self.subscriptions:
-            await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic)
+        since = since_from(request)
+        if topic in self.subscriptions and since is None:
+            await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic, **self.position_fields(topic))
             return
         namespace = await topics.authorize(self.identity, "subscribe", topic)
         limit = setting("PINGPONG_MAX_SUBSCRIPTIONS")
-        if len(self.subscriptions) >= limit:
+        if topic not in self.subscriptions and len(self.subscriptions) >= limit:
             raise TopicRefused(
                 protocol.ERROR_TOO_MANY_SUBSCRIPTIONS,
                 f"A connection may hold {limit} subscriptions; unsubscribe first.",
             )
-        assert self.channel_layer is not None
+        layer = self.channel_layer
+        assert layer is not None
+        group = topics.group_for(topic)
+        keeps_history = namespace.has_history and history.supported(layer)
+        joining = JoinBuffer() if keeps_history else None
+        if joining is not None:
+            self.joining[topic] = joining  # live publications wait here until the history is sent
         try:
-            await layer_calls.call(
-                self.channel_layer.group_add(topics.group_for(topic), self.channel_name), operation="group_add"
-            )
-        except ChannelLayerUnavailable as error:
-            raise TopicRefused(
-                protocol.ERROR_UNAVAILABLE, f"The channel layer is unreachable ({error}); retry."
-            ) from None
-        try:
-            await topic_presence.join(namespace, topic=topic, client=self.connection_id, user=self.identity.user_id)
+            try:
+                await layer_calls.call(layer.group_add(group, self.channel_name), operation="group_add")
+                read = None
+                if keeps_history:
+                    joined_at = history.next_sequence()  # live from here: only reads started later may be shared
+                    read = await layer_calls.call(
+                        history.read(
+                            layer,
+                            topic,
+                            group,
+                            ttl=namespace.history_ttl,
+                            since=since[0] if since else -1,
+                            want_epoch=since[1] if since else None,
+                            limit=setting("PINGPONG_MAX_RECOVER"),
+                            joined_at=joined_at,
+                        ),
+                        operation="history_read",
+                    )
+            except ChannelLayerUnavailable as error:
+                raise TopicRefused(
+                    protocol.ERROR_UNAVAILABLE, f"The channel layer is unreachable ({error}); retry."
+                ) from None
+            if joining is not None and joining.overflowed:
+                raise TopicRefused(
+                    protocol.ERROR_UNAVAILABLE,
+                    "Publications arrived faster than this subscription could join them with the history; retry.",
+                )
+            if topic not in self.subscriptions:  # a resubscribe with `since` is in the presence list already
+                await topic_presence.join(namespace, topic=topic, client=self.connection_id, user=self.identity.user_id)
         except TopicRefused:
-            await self.leave_topic(topic)
+            self.joining.pop(topic, None)
+            if topic not in self.subscriptions:
+                await self.leave_topic(topic)
             raise
         self.subscriptions.add(topic)
-        await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic)
+        if read is None:
+            fields: dict[str, Any] = {} if since is None else {protocol.FIELD_RECOVERED: False}
+            await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic, **fields)
+            return
+        self.positions[topic] = (read.epoch, read.offset)
+        fields = {protocol.FIELD_OFFSET: read.offset, protocol.FIELD_EPOCH: read.epoch}
+        if since is not None:
+            fields[protocol.FIELD_RECOVERED] = read.recovered
+            metrics.RECOVERIES.labels(str(read.recovered).lower()).inc()
+        await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic, **fields)
+        if read.recovered:
+            for event in read.events:
+                metrics.SENT_PUBLICATION.inc()
+                await self.send(text_data=event)
+        await self.join_live(topic)
+
+    async def join_live(self, topic: str) -> None:
+        """Deliver what live delivery buffered while the history was read, then deliver live directly."""
+        joining = self.joining[topic]
+        # Bounded: publications may keep arriving while these are sent; a connection that has not
+        # caught up after JOIN_BUFFER_MAX + 1 of them takes them slower than they come.
+        for _ in range(protocol.JOIN_BUFFER_MAX + 1):
+            if not joining.messages or joining.overflowed:
+                break
+            await self.deliver_publication(topic, joining.messages.popleft())
+        del self.joining[topic]
+        if joining.overflowed or joining.messages:
+            metrics.LIMIT_HITS.labels("slow_consumer").inc()
+            await self.refuse(
+                protocol.CloseCode.SLOW_CONSUMER,
+                protocol.ERROR_SLOW_CONSUMER,
+                "Publications arrived faster than this connection could take them.",
+            )
+
+    def position_fields(self, topic: str) -> dict[str, Any]:
+        """The offset and epoch of the last publication of `topic` this connection was given, if any."""
+        position = self.positions.get(topic)
+        if position is None:
+            return {}
+        return {protocol.FIELD_OFFSET: position[1], protocol.FIELD_EPOCH: position[0]}
 
     async def unsubscribe(self, request: Message) -> None:
         topic = request.get("topic")
         if topic not in self.subscriptions:
             raise TopicRefused(protocol.ERROR_NOT_SUBSCRIBED, "This connection is not subscribed to that topic.")
         self.subscriptions.discard(topic)
+        self.positions.pop(topic, None)
         await self.leave_topic(topic)
         await topic_presence.leave([topic], client=self.connection_id)
         await self.reply(protocol.EVENT_UNSUBSCRIBED, request, topic=topic)
@@ -416,9 +495,63 @@ class PingPongConsumer(GuardedWebsocketConsumer):
 
     async def topic_publication(self, message: Message) -> None:
         """A publication to a subscribed topic (groups are hashes: the topic itself is checked too)."""
-        if message.get("topic") in self.subscriptions and broadcast.deliverable(message):
+        topic = message.get("topic")
+        joining = self.joining.get(topic) if isinstance(topic, str) else None
+        if joining is not None:
+            joining.add(message)
+        elif topic in self.subscriptions:
+            await self.deliver_publication(topic, message)
+
+    async def deliver_publication(self, topic: str, message: Message) -> None:
+        """Send a publication once: by id without history; with history, by offset, filling a gap from it.
+
+        A gap (an offset past the next one, in the same epoch: a queue that was full, a
+        subscriber connection that reconnected) is filled from the history when it still holds
+        the missing publications; otherwise the client sees the offsets jump, and resubscribes
+        with `since` to learn that it must reload.
+        """
+        offset, epoch = message.get(protocol.FIELD_OFFSET), message.get(protocol.FIELD_EPOCH)
+        if not (isinstance(offset, int) and isinstance(epoch, str)):
+            if broadcast.deliverable(message):
+                metrics.SENT_PUBLICATION.inc()
+                await self.send(text_data=message["event"])
+            return
+        position = self.positions.get(topic)
+        if position is not None and position[0] == epoch:
+            if offset <= position[1]:
+                return  # delivered already (from the history, or a duplicate)
+            if offset > position[1] + 1:
+                await self.fill_gap(topic, since=position[1], epoch=epoch, before=offset)
+        self.positions[topic] = (epoch, offset)
+        metrics.SENT_PUBLICATION.inc()
+        await self.send(text_data=message["event"])
+
+    async def fill_gap(self, topic: str, *, since: int, epoch: str, before: int) -> None:
+        """Send the publications after `since` and before `before` from the history, when all are there."""
+        namespace = topics.namespace_for(topic)
+        assert self.channel_layer is not None
+        try:
+            read = await layer_calls.call(
+                history.read(
+                    self.channel_layer,
+                    topic,
+                    topics.group_for(topic),
+                    ttl=namespace.history_ttl,
+                    since=since,
+                    want_epoch=epoch,
+                    limit=setting("PINGPONG_MAX_RECOVER"),
+                    strict=False,
+                ),
+                operation="history_read",
+            )
+        except ChannelLayerUnavailable as error:
+            logger.warning("could not fill a gap in %s from its history: %s", topic, error)
+            return
+        if read.epoch != epoch or read.first != since + 1:
+            return
+        for event in read.events[: before - since - 1]:
             metrics.SENT_PUBLICATION.inc()
-            await self.send(text_data=message["event"])
+            await self.send(text_data=event)
 
     async def topic_join_leave(self, message: Message) -> None:
         """Another connection's join or leave on a subscribed topic; a connection's own join is not echoed."""
@@ -442,8 +575,9 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             timer.cancel()
         for task in list(getattr(self, "tasks", ())):
             task.cancel()
-        subscriptions: set[str] = getattr(self, "subscriptions", set())
+        subscriptions: set[str] = getattr(self, "subscriptions", set()) | set(getattr(self, "joining", ()))
         self.subscriptions = set()
+        self.joining = {}
         for topic in subscriptions:
             await self.leave_topic(topic)
         await topic_presence.leave(subscriptions, client=self.connection_id)
@@ -455,6 +589,44 @@ class EchoConsumer(GuardedWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         metrics.SENT_ECHO.inc()
         await self.send(text_data=text_data, bytes_data=bytes_data)
+
+
+class JoinBuffer:
+    """Live publications of a topic that arrive while its subscription reads the history (bounded)."""
+
+    def __init__(self) -> None:
+        self.messages: deque[Message] = deque()
+        self.overflowed = False
+
+    def add(self, message: Message) -> None:
+        if len(self.messages) >= protocol.JOIN_BUFFER_MAX:
+            self.overflowed = True
+            return
+        self.messages.append(message)
+
+
+def since_from(request: Message) -> tuple[int, str] | None:
+    """The `since` of a subscribe request as (offset, epoch), None without one, or TopicRefused (bad_request)."""
+    since = request.get(protocol.FIELD_SINCE)
+    if since is None:
+        return None
+    offset = since.get(protocol.FIELD_OFFSET) if isinstance(since, dict) else None
+    epoch = since.get(protocol.FIELD_EPOCH) if isinstance(since, dict) else None
+    if not (
+        isinstance(since, dict)
+        and set(since) == {protocol.FIELD_OFFSET, protocol.FIELD_EPOCH}
+        and isinstance(offset, int)
+        and not isinstance(offset, bool)
+        and 0 <= offset <= protocol.SINCE_MAX_OFFSET
+        and isinstance(epoch, str)
+        and 0 < len(epoch) <= protocol.SINCE_MAX_EPOCH_CHARS
+    ):
+        raise TopicRefused(
+            protocol.ERROR_BAD_REQUEST,
+            f'"since" is {{"offset": <0 to {protocol.SINCE_MAX_OFFSET}>, "epoch": "<the epoch it came with>"}}: '
+            "the last publication of the topic this client received.",
+        )
+    return offset, epoch
 
 
 def parse_request(text: str) -> dict[str, Any] | None:

@@ -95,21 +95,20 @@ def pool_create(
 
 @dataclass
 class _Outgoing:
-    """One PUBLISH waiting for the shard's sender."""
+    """One command (a PUBLISH, or a history script that publishes) waiting for the shard's sender."""
 
-    channel: str
-    data: bytes
-    sent: "asyncio.Future[None]"
+    command: tuple[Any, ...]
+    sent: "asyncio.Future[Any]"
     progress: PublishProgress | None
 
 
-def _settle(items: list[_Outgoing], error: BaseException | None) -> None:
-    """Tell each waiting caller how its PUBLISH ended."""
+def _settle(items: list[_Outgoing], error: BaseException | None, reply: Any = None) -> None:
+    """Tell each waiting caller how its command ended: Redis' reply, or the error."""
     for item in items:
         if item.sent.done():
             continue
         if error is None:
-            item.sent.set_result(None)
+            item.sent.set_result(reply)
         else:
             item.sent.set_exception(error)
 
@@ -154,11 +153,19 @@ class PingpongShard(RedisSingleShardConnection):
         together, a burst costs a few round trips on one connection. The caller's
         `PublishProgress` (if any) is marked at the moment its PUBLISH is written.
         """
+        await self.execute_batched("PUBLISH", channel, data)
+
+    async def execute_batched(self, *command: Any) -> Any:
+        """Run one command in the shard's next pipeline (see `publish_batched`) and return Redis' reply.
+
+        Written once, never retried: an error reply raises its ResponseError (the command did
+        not run); any other failure after the write leaves the outcome unknown.
+        """
         sent = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Outgoing(channel, data, sent, PUBLISH_PROGRESS.get()))
+        self._outbox.append(_Outgoing(command, sent, PUBLISH_PROGRESS.get()))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.ensure_future(self._send_outbox())
-        await sent
+        return await sent
 
     async def _send_outbox(self) -> None:
         """Send queued publishes in pipelines of at most PUBLISH_BATCH until none is left."""
@@ -173,7 +180,7 @@ class PingpongShard(RedisSingleShardConnection):
                 raise
 
     async def _send_batch(self, batch: list["_Outgoing"]) -> None:
-        """Write one pipeline of PUBLISH commands by hand and settle each caller's future.
+        """Write one pipeline of commands by hand and settle each caller's future.
 
         Not `Redis.pipeline()`: redis-py's retry writes the commands again after a connection
         error (a duplicate broadcast), and it cannot say when the commands were written.
@@ -199,17 +206,17 @@ class PingpongShard(RedisSingleShardConnection):
             for item in batch:
                 if item.progress is not None:
                     item.progress.written = True
-            commands = [("PUBLISH", item.channel, item.data) for item in batch]
+            commands = [item.command for item in batch]
             await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
             for item in batch:
                 try:
-                    await connection.read_response()
+                    reply = await connection.read_response()
                 except ResponseError as error:  # Redis refused this command (an error reply): it did not run
                     if item.progress is not None:
                         item.progress.written = False
                     _settle([item], error)
                 else:
-                    _settle([item], None)
+                    _settle([item], None, reply)
         except BaseException as error:  # the rest of the batch: written, outcome unknown
             await connection.disconnect()  # a late reply must not be read by the next command
             if not isinstance(error, Exception):  # cancelled (flush): the caller of the sender settles

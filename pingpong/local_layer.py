@@ -46,6 +46,7 @@ from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer
 
 from pingpong import metrics
+from pingpong.history import LocalHistory
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class LocalChannelLayer(BaseChannelLayer):
         # Names only need to be unique in this process: a counter, behind a random token per layer.
         self._token = secrets.token_hex(4)
         self._counter = itertools.count()
+        # Topic history (pingpong.history): offsets and retained publications, in this process.
+        self.history = LocalHistory()
 
     # Channel layer API
 
@@ -154,7 +157,8 @@ class LocalChannelLayer(BaseChannelLayer):
                 del self.channels[channel]
 
     async def flush(self) -> None:
-        """Forget every channel, message and group (receivers already waiting are not woken, as in Channels)."""
+        """Forget every channel, message, group and topic history (receivers already waiting are not woken)."""
+        self.history = LocalHistory()  # like FLUSHALL on Redis: every topic starts a new epoch
         self.channels = {}
         self.groups = {}
         self.pending = OrderedDict()

@@ -42,6 +42,12 @@ CONNECTIONS_CLOSED = Counter(
 LIMIT_HITS = Counter("pingpong_limit_hits_total", "Connections closed or refused by a limit.", ["limit"])
 BROADCASTS_SENT = Counter("pingpong_broadcasts_sent_total", "Broadcasts this node published to the channel layer.")
 PUBLICATIONS_SENT = Counter("pingpong_publications_sent_total", "Publications to topics this node sent to the layer.")
+HISTORY_READS = Counter(
+    "pingpong_history_reads_total", "Topic history reads this node made in Redis (merged reads count once)."
+)
+RECOVERIES = Counter(
+    "pingpong_recoveries_total", "Subscribe requests with `since`, by outcome (recovered or not).", ["recovered"]
+)
 TOPIC_REFUSALS = Counter(
     "pingpong_topic_refusals_total", "Topic and token requests answered with an error, by error code.", ["error"]
 )

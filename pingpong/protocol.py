@@ -48,6 +48,7 @@ ERROR_METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 ERROR_DISABLED: Final = "disabled"
 ERROR_UNAUTHORIZED: Final = "unauthorized"
 ERROR_TOO_LARGE: Final = "too_large"
+ERROR_NO_HISTORY: Final = "no_history"  # GET /api/history/<topic> of a namespace without history: 404
 # Broadcast API errors: "unavailable" means nothing was sent; "outcome_unknown" means the
 # PUBLISH was written and its answer never came, so retry with the same id.
 ERROR_UNAVAILABLE: Final = "unavailable"
@@ -115,6 +116,22 @@ PRESENCE_MESSAGE: Final = "topic.join_leave"
 # ids (a user id may be long); its counts are always exact, and "truncated" says a list was cut.
 PRESENCE_LIST_MAX: Final = 100
 PRESENCE_LIST_MAX_BYTES: Final = 32 * 1024
+
+# Topic history (pingpong.history): a publication to a topic whose namespace keeps history carries
+# "offset" (1, 2, 3, ... per topic) and "epoch" (changes when the history may have been lost);
+# `subscribed` carries the topic's current ones, and a subscribe may ask to recover with
+# {"since": {"offset": N, "epoch": E}}: the reply then says "recovered": true or false.
+FIELD_SINCE: Final = "since"
+FIELD_OFFSET: Final = "offset"
+FIELD_EPOCH: Final = "epoch"
+FIELD_RECOVERED: Final = "recovered"
+# Largest offset a client may send in `since`: JavaScript's largest safe integer.
+SINCE_MAX_OFFSET: Final = 2**53 - 1
+# Longest epoch a client may send back (ours are 16 hex digits).
+SINCE_MAX_EPOCH_CHARS: Final = 64
+# Publications a subscribe buffers from live delivery while it reads the history; past it the
+# subscribe is answered `unavailable` (nothing half-done) and may be retried.
+JOIN_BUFFER_MAX: Final = 1_000
 
 # A connection with a token is warned this many seconds before the token expires (at once when
 # it has less left), and closed with 4401 at `exp` unless it sent a refresh.

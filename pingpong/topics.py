@@ -32,15 +32,21 @@ SUBSCRIBE_RULES: Final = ("anyone", "authenticated", "owner", "token")
 # Who may publish to it from a websocket ("server": only the API and pingpong.publish).
 PUBLISH_RULES: Final = ("server", "authenticated", "anyone")
 
+# A namespace's history: at most this many publications kept per topic, for at most this many seconds.
+HISTORY_MAX_SIZE: Final = 100_000
+HISTORY_MAX_TTL: Final = 30 * 86400
+
 # Presence (who is subscribed) and join/leave events are off by default: on a public topic
 # they would show every reader to every other; a namespace config turns them on.
 DEFAULT_NAMESPACES: Final[dict[str, dict[str, Any]]] = {
-    "public": {"subscribe": "anyone", "publish": "server"},
-    "user": {"subscribe": "owner", "publish": "server"},
+    # The last 100 publications of each topic for 5 minutes: a client that reconnects recovers what it missed.
+    "public": {"subscribe": "anyone", "publish": "server", "history_size": 100, "history_ttl": 300},
+    "user": {"subscribe": "owner", "publish": "server", "history_size": 100, "history_ttl": 300},
 }
 # The namespace fields a PINGPONG_NAMESPACES entry may set.
 NAMESPACE_RULES: Final = frozenset({"subscribe", "publish"})
 NAMESPACE_FLAGS: Final = frozenset({"presence", "join_leave"})
+NAMESPACE_HISTORY: Final = frozenset({"history_size", "history_ttl"})
 
 
 class TopicRefused(ValueError):
@@ -53,16 +59,24 @@ class TopicRefused(ValueError):
 
 @dataclass(frozen=True)
 class Namespace:
+    """A namespace's rules; `history_size` 0 (the default) keeps no history: no offsets, no recovery."""
+
     name: str
     subscribe: str = "anyone"
     publish: str = "server"
     presence: bool = False  # who is subscribed: GET /api/presence/<topic> and the "presence" request
     join_leave: bool = False  # subscribers get "join" and "leave" events
+    history_size: int = 0  # publications kept per topic
+    history_ttl: int = 0  # seconds a topic's history is kept after its last publication
 
     @property
     def tracked(self) -> bool:
         """Whether this namespace's subscriptions are recorded (pingpong.topic_presence)."""
         return self.presence or self.join_leave
+
+    @property
+    def has_history(self) -> bool:
+        return self.history_size > 0
 
 
 @dataclass(frozen=True)
@@ -90,10 +104,11 @@ def namespaces_from(config: Mapping[str, Any] | None) -> dict[str, Namespace]:
     for name, rules in merged.items():
         if rules is None:
             continue
-        if not isinstance(rules, dict) or set(rules) - NAMESPACE_RULES - NAMESPACE_FLAGS:
+        if not isinstance(rules, dict) or set(rules) - NAMESPACE_RULES - NAMESPACE_FLAGS - NAMESPACE_HISTORY:
             raise ImproperlyConfigured(
-                f'PINGPONG_NAMESPACES["{name}"] must be an object with "subscribe" and "publish" rules '
-                'and optionally "presence" and "join_leave" (true or false).'
+                f'PINGPONG_NAMESPACES["{name}"] must be an object with "subscribe" and "publish" rules, '
+                'optionally "presence" and "join_leave" (true or false), and for history "history_size" '
+                'and "history_ttl".'
             )
         if any(not isinstance(rules[flag], bool) for flag in NAMESPACE_FLAGS & set(rules)):
             raise ImproperlyConfigured(f'PINGPONG_NAMESPACES["{name}"]: "presence" and "join_leave" are true or false.')
@@ -103,8 +118,23 @@ def namespaces_from(config: Mapping[str, Any] | None) -> dict[str, Namespace]:
                 f'PINGPONG_NAMESPACES["{name}"]: "subscribe" is one of {", ".join(SUBSCRIBE_RULES)} and '
                 f'"publish" one of {", ".join(PUBLISH_RULES)}.'
             )
+        history_check(namespace)
         found[name] = namespace
     return found
+
+
+def history_check(namespace: Namespace) -> None:
+    """ImproperlyConfigured unless the history fields are both 0 (none) or both in range."""
+    size, ttl = namespace.history_size, namespace.history_ttl
+    whole = all(isinstance(value, int) and not isinstance(value, bool) for value in (size, ttl))
+    if whole and size == ttl == 0:
+        return
+    if not (whole and 1 <= size <= HISTORY_MAX_SIZE and 1 <= ttl <= HISTORY_MAX_TTL):
+        raise ImproperlyConfigured(
+            f'PINGPONG_NAMESPACES["{namespace.name}"]: "history_size" (1-{HISTORY_MAX_SIZE} publications) and '
+            f'"history_ttl" (1-{HISTORY_MAX_TTL} seconds) are whole numbers, given together; both 0 or '
+            "absent: no history."
+        )
 
 
 @cache
@@ -196,26 +226,45 @@ def data_text(data: Any) -> str:
 async def apublish(topic: str, data: Any, *, publication_id: str | None = None) -> dict[str, Any]:
     """Send `data` to every subscriber of `topic` on every node; the server may publish to any valid topic.
 
-    Returns the publication's `{"topic", "id"}`. Raises TopicRefused for a bad topic or data,
-    ChannelLayerUnavailable when nothing was sent and BroadcastOutcomeUnknown when the outcome
-    is unknown (retry with the same id: each node delivers an id once per topic).
+    Returns the publication's `{"topic", "id"}`, plus `"offset"` and `"epoch"` when the topic's
+    namespace keeps history. Raises TopicRefused for a bad topic or data, ChannelLayerUnavailable
+    when nothing was sent and BroadcastOutcomeUnknown when the outcome is unknown (retry with the
+    same id: each node delivers an id once per topic, and a topic with history gives a retried id
+    its first offset without publishing it again).
     """
-    from pingpong import broadcast  # broadcast's retry-safe send, shared with publications
+    from pingpong import broadcast, history, layer_calls  # broadcast's retry-safe send, shared with publications
 
-    namespace_for(topic)
+    namespace = namespace_for(topic)
     text = data_text(data)
     publication_id = publication_id or uuid.uuid4().hex
-    event = (
+    head = (
         f'{{"type":"{protocol.EVENT_PUBLICATION}","topic":"{topic}","id":{json.dumps(publication_id)},'
-        f'"sent_at":{time.time()},"data":{text}}}'
+        f'"sent_at":{time.time()}'
     )
-    message = {
+    fields = {
         "type": protocol.PUBLICATION_MESSAGE,
         "topic": topic,
-        "event": event,
         "id": f"{topic} {publication_id}",
         "attempt": uuid.uuid4().hex,
     }
+    layer = layer_calls.get_layer()
+    if namespace.has_history and history.supported(layer):
+        parts = history.PublicationParts(
+            topic=topic,
+            group=group_for(topic),
+            publication_id=publication_id,
+            fields=fields,
+            event_head=f'{head},"offset":',
+            event_tail=f',"data":{text}}}',
+        )
+        published = await broadcast.send_call(
+            history.publish(layer, parts, size=namespace.history_size, ttl=namespace.history_ttl),
+            layer=layer,
+            operation="publish_history",
+        )
+        metrics.PUBLICATIONS_SENT.inc()
+        return {"topic": topic, "id": publication_id, "offset": published.offset, "epoch": published.epoch}
+    message = {**fields, "event": f'{head},"data":{text}}}'}
     await broadcast.send_message(group_for(topic), message)
     metrics.PUBLICATIONS_SENT.inc()
     return {"topic": topic, "id": publication_id}

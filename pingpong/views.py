@@ -1,4 +1,4 @@
-"""HTTP views: the page, health and readiness probes, the broadcast and publish API."""
+"""HTTP views: the page, health and readiness probes, the broadcast, publish and history APIs."""
 
 import hmac
 import json
@@ -14,8 +14,9 @@ from django.urls import NoReverseMatch
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
-from pingpong import broadcast, layer_calls, presence, protocol, publishing, topic_presence, topics
+from pingpong import broadcast, history, layer_calls, presence, protocol, publishing, topic_presence, topics
 from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
+from pingpong.conf import setting
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.metrics import exposition
 from pingpong.node import node
@@ -131,16 +132,18 @@ def api_payload(request: HttpRequest, *, what: str) -> Any:
 
 
 async def api_send(send: Awaitable[dict[str, Any]], *, sent_id: str, what: str, **accepted: str) -> JsonResponse:
-    """Await a retry-safe send: 202 `{"status": "accepted", **accepted, "id"}`, or 503 / 504 with the id."""
+    """Await a retry-safe send: 202 `{"status": "accepted", **accepted, "id"}` (with the publication's
+    `offset` and `epoch` on a topic with history), or 503 / 504 with the id."""
     try:
-        await send
+        result = await send
     except BroadcastOutcomeUnknown as error:
         detail = f"The {what} may or may not have been sent ({error}); retry with the same id."
         return JsonResponse({"error": protocol.ERROR_OUTCOME_UNKNOWN, "detail": detail, "id": sent_id}, status=504)
     except ChannelLayerUnavailable as error:
         detail = f"The channel layer is unavailable ({error}); nothing was sent."
         return JsonResponse({"error": protocol.ERROR_UNAVAILABLE, "detail": detail, "id": sent_id}, status=503)
-    return JsonResponse({"status": "accepted", **accepted, "id": sent_id}, status=202)
+    position = {key: result[key] for key in ("offset", "epoch") if key in result}  # a topic with history
+    return JsonResponse({"status": "accepted", **accepted, **position, "id": sent_id}, status=202)
 
 
 # HTTP statuses of the topic refusals the presence API can meet.
@@ -211,3 +214,66 @@ async def api_stats(request: HttpRequest) -> JsonResponse:
         return JsonResponse(await presence.stats())
     except PresenceUnavailable as error:  # unreachable, or this node's count cannot be written (PresenceStale)
         return error_response(503, protocol.ERROR_UNAVAILABLE, str(error))
+
+
+@never_cache
+async def api_history(request: HttpRequest, topic: str) -> HttpResponse:
+    """GET /api/history/<topic>?since=N&limit=L[&epoch=E] with the API token: publications after offset N.
+
+    The body is `{"topic", "epoch", "offset", "since", "complete", "publications": [...]}`:
+    up to `limit` retained publications after `since` (each exactly its websocket event), the
+    topic's current offset and epoch, and `complete`, true when they start at `since + 1`
+    (and `epoch`, if given, is still the topic's): nothing between `since` and them was lost.
+    """
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, protocol.ERROR_METHOD_NOT_ALLOWED, "Use GET.", Allow="GET, HEAD")
+    refusal = api_refusal(request, what="The history API")
+    if refusal is not None:
+        return refusal
+    max_limit = setting("PINGPONG_MAX_RECOVER")
+    try:
+        namespace = topics.namespace_for(topic)
+        since = query_int(request, "since", default=0, maximum=protocol.SINCE_MAX_OFFSET)
+        limit = query_int(request, "limit", default=100, maximum=max_limit, minimum=1)
+        epoch = request.GET.get("epoch") or None
+    except TopicRefused as refused:
+        status = 404 if refused.error == protocol.ERROR_UNKNOWN_NAMESPACE else 400
+        return error_response(status, refused.error, str(refused))
+    layer = layer_calls.get_layer()
+    if not (namespace.has_history and history.supported(layer)):
+        return error_response(404, protocol.ERROR_NO_HISTORY, f'The namespace "{namespace.name}" keeps no history.')
+    try:
+        read = await layer_calls.call(
+            history.read(
+                layer,
+                topic,
+                topics.group_for(topic),
+                ttl=namespace.history_ttl,
+                since=since,
+                want_epoch=epoch,
+                limit=limit,
+                strict=False,
+            ),
+            operation="history_read",
+        )
+    except ChannelLayerUnavailable as error:
+        return error_response(503, protocol.ERROR_UNAVAILABLE, f"The channel layer is unavailable ({error}).")
+    epoch_kept = epoch is None or epoch == read.epoch
+    events = read.events if epoch_kept else []
+    complete = epoch_kept and (since == read.offset or read.first == since + 1)
+    head = protocol.encode_event(
+        {"topic": topic, "epoch": read.epoch, "offset": read.offset, "since": since, "complete": complete}
+    )
+    # The events are JSON text already: joined, not parsed and serialised again.
+    body = f'{head[:-1]},"publications":[{",".join(events)}]}}'
+    return HttpResponse(body, content_type="application/json")
+
+
+def query_int(request: HttpRequest, name: str, *, default: int, maximum: int, minimum: int = 0) -> int:
+    """A whole-number query parameter within bounds, or TopicRefused (bad_request)."""
+    raw = request.GET.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16 and minimum <= int(raw) <= maximum):
+        raise TopicRefused(protocol.ERROR_BAD_REQUEST, f'"{name}" is a whole number from {minimum} to {maximum}.')
+    return int(raw)

@@ -179,6 +179,7 @@ except ValueError:
     sys.exit('pingpong: PINGPONG_NAMESPACES must be JSON: {"name": {"subscribe": ..., "publish": ...}, ...}.')
 PINGPONG_AUTHORIZE = env_str("PINGPONG_AUTHORIZE")
 PINGPONG_MAX_SUBSCRIPTIONS = env_int("PINGPONG_MAX_SUBSCRIPTIONS", DEFAULTS["PINGPONG_MAX_SUBSCRIPTIONS"], minimum=1)
+PINGPONG_MAX_RECOVER = env_int("PINGPONG_MAX_RECOVER", DEFAULTS["PINGPONG_MAX_RECOVER"], minimum=1)
 PINGPONG_MAX_MESSAGE_BYTES = env_int("PINGPONG_MAX_MESSAGE_BYTES", DEFAULTS["PINGPONG_MAX_MESSAGE_BYTES"], minimum=16)
 # The largest broadcast text, and the largest publication `data` as JSON.
 PINGPONG_MAX_BROADCAST_BYTES = env_int(

@@ -14,6 +14,7 @@ urlpatterns = [
     path("api/publish", views.api_publish, name="publish"),
     path("api/stats", views.api_stats, name="stats"),
     path("api/presence/<str:topic>", views.api_presence, name="presence"),
+    path("api/history/<str:topic>", views.api_history, name="history"),
     # Django's own login and logout (POST only), so a browser's session is a user on its websocket.
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

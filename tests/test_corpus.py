@@ -56,7 +56,10 @@ HTTP_IDLE_TIMEOUT = 3
 TOKEN_SECRET = "corpus-token-secret-" + "0123456789abcdef" * 3
 MAX_SUBSCRIPTIONS = 20
 # A namespace with presence and join/leave events, beside the defaults (which keep neither).
-NAMESPACES = {"room": {"subscribe": "anyone", "publish": "server", "presence": True, "join_leave": True}}
+NAMESPACES = {
+    "room": {"subscribe": "anyone", "publish": "server", "presence": True, "join_leave": True},
+    "plain": {"subscribe": "anyone", "publish": "anyone"},  # no history
+}
 
 Probe = Callable[[DaphneNode], str]
 
@@ -331,6 +334,25 @@ def api_broadcast(text: str) -> Probe:
     return probe
 
 
+def subscribe_since(topic: str, since: object, *, raw: str | None = None) -> Probe:
+    """Subscribe with `since` (or send `raw` as is); `recovered <bool>` or the error, then `open` if it still pongs."""
+
+    def probe(node: DaphneNode) -> str:
+        with ws_client(node) as ws:
+            ws.send(raw if raw is not None else json.dumps({"type": "subscribe", "topic": topic, "since": since}))
+            try:
+                event = json.loads(str(ws.recv(timeout=scaled(5))))
+            except ConnectionClosed as closed:
+                return f"close {closed.rcvd.code}" if closed.rcvd else "dropped"
+            if event.get("type") == "subscribed":
+                summary = f"recovered {str(event.get('recovered')).lower()}"
+            else:
+                summary = event_summary(json.dumps(event))
+            return f"{summary}, open" if ping_pong_sync(ws) == "pong!" else summary
+
+    return probe
+
+
 def ws_opened(path: str) -> Probe:
     """Connect to `path`, send `ping`, report the first answer (then `open`, or how it closed)."""
 
@@ -347,6 +369,17 @@ def ws_opened(path: str) -> Probe:
         except Exception as error:  # the handshake itself was refused
             status = getattr(getattr(error, "response", None), "status_code", None)
             return f"http {status}" if status else "dropped"
+
+    return probe
+
+
+def api_history(query: str, *, topic: str = "public:corpus", token: str | None = TOKEN) -> Probe:
+    """GET /api/history/<topic>?<query>; the status."""
+
+    def probe(node: DaphneNode) -> str:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        status, _ = http_request(f"{node.http}/api/history/{topic}?{query}", headers=headers)
+        return f"http {status}"
 
     return probe
 
@@ -559,6 +592,87 @@ ROWS = [
         address_flood(most=MAX_CONNECTIONS_PER_IP + 1),
         "error too_many_connections, close 4013",
     ),
+    # Topic history: `since` on subscribe, and the history API.
+    Row(
+        "since: negative offset",
+        subscribe_since("public:corpus", {"offset": -1, "epoch": "e"}),
+        "error bad_request, open",
+    ),
+    Row(
+        "since: offset 2**53",
+        subscribe_since("public:corpus", {"offset": 2**53, "epoch": "e"}),
+        "error bad_request, open",
+    ),
+    Row(
+        "since: offset of 400 digits",
+        subscribe_since("public:corpus", {"offset": 10**400, "epoch": "e"}),
+        "error bad_request, open",
+    ),
+    Row(
+        "since: offset a float",
+        subscribe_since("public:corpus", {"offset": 1.5, "epoch": "e"}),
+        "error bad_request, open",
+    ),
+    Row(
+        "since: offset a string",
+        subscribe_since("public:corpus", {"offset": "1", "epoch": "e"}),
+        "error bad_request, open",
+    ),
+    Row(
+        "since: offset true",
+        subscribe_since("public:corpus", {"offset": True, "epoch": "e"}),
+        "error bad_request, open",
+    ),
+    Row(
+        "since: offset NaN",
+        subscribe_since(
+            "", None, raw='{"type":"subscribe","topic":"public:corpus","since":{"offset":NaN,"epoch":"e"}}'
+        ),
+        "error bad_request, open",
+    ),
+    Row(
+        "since: epoch a number", subscribe_since("public:corpus", {"offset": 1, "epoch": 5}), "error bad_request, open"
+    ),
+    Row(
+        "since: epoch of 900 characters",
+        subscribe_since("public:corpus", {"offset": 1, "epoch": "e" * 900}),
+        "error bad_request, open",
+    ),
+    Row("since: epoch missing", subscribe_since("public:corpus", {"offset": 1}), "error bad_request, open"),
+    Row("since: a list", subscribe_since("public:corpus", [1, "e"]), "error bad_request, open"),
+    Row("since: a string", subscribe_since("public:corpus", "1"), "error bad_request, open"),
+    Row(
+        "since: a foreign epoch",
+        subscribe_since("public:corpus", {"offset": 1, "epoch": "someone-elses"}),
+        "recovered false, open",
+    ),
+    Row(
+        "since: a far-future offset",
+        subscribe_since("public:corpus", {"offset": 2**53 - 1, "epoch": "e"}),
+        "recovered false, open",
+    ),
+    Row(
+        "since: a topic without history",
+        subscribe_since("plain:corpus", {"offset": 1, "epoch": "e"}),
+        "recovered false, open",
+    ),
+    Row(
+        "since: a forbidden topic",
+        subscribe_since("user:someone", {"offset": 1, "epoch": "e"}),
+        "error forbidden, open",
+    ),
+    Row("history API: valid", api_history("since=0&limit=10"), "http 200"),
+    Row("history API: no token", api_history("since=0", token=None), "http 401"),
+    Row("history API: wrong token", api_history("since=0", token="wrong"), "http 401"),
+    Row("history API: negative since", api_history("since=-1"), "http 400"),
+    Row("history API: since of 400 digits", api_history("since=" + "9" * 400), "http 400"),
+    Row("history API: limit 0", api_history("limit=0"), "http 400"),
+    Row("history API: limit huge", api_history("limit=99999999999"), "http 400"),
+    Row("history API: since not a number", api_history("since=%00"), "http 400"),
+    Row("history API: a topic without history", api_history("since=0", topic="plain:corpus"), "http 404"),
+    Row("history API: an unknown namespace", api_history("since=0", topic="nowhere:x"), "http 404"),
+    Row("history API: a topic of 300 characters", api_history("since=0", topic="public:" + "x" * 300), "http 400"),
+    Row("history API: a topic with a bad character", api_history("since=0", topic="public:a%20b"), "http 400"),
     # Tokens: each refused one is answered `unauthorized` and close 4401, never a 500 or a 1011.
     Row("token: valid, then a ping", ws_opened(f"/ws/?token={token()}"), "pong!, open"),
     Row("token: garbage", ws_opened("/ws/?token=garbage"), "error unauthorized, close 4401"),

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis import asyncio as aioredis
 
 from pingpong.layers import PingpongPubSubChannelLayer, glob_escape
 from tests.processes import ROOT
@@ -98,6 +99,25 @@ async def test_a_group_message_reaches_every_member_on_every_process_once(layers
         assert await receive(layer, channel) == {"type": "broadcast.message", "event": "x"}
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(here.receive(members[0][1]), 0.3)
+
+
+async def test_a_publish_from_another_connection_right_after_a_first_group_add_reaches_the_member(layers, redis_server):
+    """Redis runs the SUBSCRIBE written by group_add before commands written after it on other connections.
+
+    Topic history's join relies on it (README, Known limitations); redis-py does not wait for the confirmation.
+    """
+    here, there = layers
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for n in range(20):
+            channel = await there.new_channel()
+            await there.group_add(f"fresh{n}", channel)
+            group_channel = there._get_layer()._get_group_channel_name(f"fresh{n}")
+            assert dict(await client.pubsub_numsub(group_channel))[group_channel.encode()] == 1
+            await here.group_send(f"fresh{n}", {"type": "m", "n": n})
+            assert await receive(there, channel) == {"type": "m", "n": n}
+    finally:
+        await client.aclose()
 
 
 async def test_each_member_gets_its_own_copy_of_a_group_message(layers):
