@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 
+# Test processes side by side: most tests wait on real servers, Redis and a browser rather than
+# compute, so three fit two cores. Each test module stays in one process (its shared nodes).
+TEST_WORKERS ?= 3
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+
 .PHONY: run test test-fast lint format bench clean
 
 # The service's own dependencies: all `make run` needs.
@@ -26,11 +31,11 @@ run: $(BASE)
 
 ## test: the whole suite (Redis, browser and PostgreSQL tests skip without redis-server / chromium / initdb unless required)
 test: $(DEV)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 ## test-fast: the suite without the tests marked `slow` (under a minute), for the edit-and-test loop
 test-fast: $(DEV)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 ## lint: ruff (lint + format check) and mypy
 lint: $(DEV)
