@@ -5,6 +5,7 @@ download. Skipped without Chromium or Playwright unless PINGPONG_REQUIRE_BROWSER
 Screenshots (server down, and back) are left in artifacts/ for a human to look at.
 """
 
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from django.conf import settings
 
-from tests.processes import ROOT, SERVERS, DaphneNode, RedisServer, api_broadcast, manage, node_env
+from tests.processes import ROOT, SERVERS, DaphneNode, RedisServer, api_broadcast, http_request, manage, node_env
 
 # Every test runs against `manage.py serve --server daphne` and `--server uvicorn`; one browser serves both.
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.parametrize("server", SERVERS, scope="module")]
@@ -295,3 +296,111 @@ def test_pingpong_js_refreshes_an_expiring_token_and_is_not_closed_at_its_exp(pa
     assert page.evaluate("window.refreshed") > expires_at
     page.wait_for_function("exp => Date.now() / 1000 > exp + 1", arg=expires_at, timeout=SHORT_WAIT)
     assert page.evaluate("[window.client.state, window.client.lastClose]") == ["open", None]
+
+
+# Topic history: what the page says after a reconnect, and what pingpong.js gives the application.
+
+
+def api_publish(node: DaphneNode, topic: str, data: object) -> None:
+    """POST /api/publish to `node` (NODE_ENV's token is the API token under its old name)."""
+    body = json.dumps({"topic": topic, "data": data}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    status, answer = http_request(f"{node.http}/api/publish", method="POST", body=body, headers=headers)
+    assert status == 202, answer
+
+
+def listed_publications(page, topic: str) -> list[str]:
+    """The data of the publications of `topic` the page lists, oldest first."""
+    return page.locator(f'#publications li[data-topic="{topic}"] .data').all_inner_texts()[::-1]
+
+
+def subscribed_on_the_page(page, topic: str) -> None:
+    from playwright.sync_api import expect
+
+    page.wait_for_function("window.pingpong.state === 'open'")
+    subscribe_on_the_page(page, topic)
+    expect(page.locator(f'#subscriptions li[data-topic="{topic}"]')).to_have_attribute("data-state", "subscribed")
+
+
+def reconnected(page) -> None:
+    page.wait_for_function("window.pingpong.state === 'open' && window.pingpong.reconnects > 0", timeout=RECONNECT_WAIT)
+
+
+@pytest.mark.redis
+def test_page_recovers_what_was_published_while_its_server_was_down_each_once_in_order(
+    page, daphne_nodes, redis_server
+):
+    from playwright.sync_api import expect
+
+    env = {**NODE_ENV, "REDIS_URL": redis_server.url}
+    node, publisher = daphne_nodes(env=env), daphne_nodes(env=env)
+    topic = f"public:page-{uuid.uuid4().hex[:8]}"
+    page.goto(f"{node.http}/")
+    subscribed_on_the_page(page, topic)
+    api_publish(publisher, topic, {"n": 1})
+    expect(page.locator(f'#publications li[data-topic="{topic}"]')).to_have_count(1)
+
+    node.kill()  # the page is away while the other node publishes three times
+    expect(page.locator("#state")).to_have_attribute("data-state", re.compile("^(closed|connecting)$"))
+    for n in (2, 3, 4):
+        api_publish(publisher, topic, {"n": n})
+    daphne_nodes(env=env, port=node.port)
+    reconnected(page)
+
+    label = page.locator(f'#subscriptions li[data-topic="{topic}"] .topic-recovery')
+    expect(label).to_have_text("recovered 3 missed")
+    # A live one after the join: everything before it has arrived, so the list is complete here.
+    api_publish(publisher, topic, {"n": 5})
+    expect(page.locator(f'#publications li[data-topic="{topic}"]')).to_have_count(5)
+    assert listed_publications(page, topic) == [json.dumps({"n": n}, separators=(",", ":")) for n in range(1, 6)]
+    recoveries = page.evaluate("window.pingpong.recoveries")
+    assert [(r["topic"], r["recovered"], r["missed"], r["offset"]) for r in recoveries] == [(topic, True, 3, 4)]
+
+
+@pytest.mark.redis
+def test_page_says_history_lost_when_redis_was_flushed_while_it_was_away(page, daphne_nodes, redis_server):
+    from playwright.sync_api import expect
+    from redis import Redis
+
+    env = {**NODE_ENV, "REDIS_URL": redis_server.url}
+    node = daphne_nodes(env=env)
+    topic = f"public:page-{uuid.uuid4().hex[:8]}"
+    page.goto(f"{node.http}/")
+    subscribed_on_the_page(page, topic)
+    api_publish(node, topic, "before")
+    expect(page.locator(f'#publications li[data-topic="{topic}"]')).to_have_count(1)
+
+    node.kill()
+    with Redis.from_url(redis_server.url) as redis:
+        redis.flushall()  # the history (and its epoch) is gone
+    returned = daphne_nodes(env=env, port=node.port)
+    reconnected(page)
+
+    label = page.locator(f'#subscriptions li[data-topic="{topic}"] .topic-recovery')
+    expect(label).to_have_text("history lost, reloaded")
+    # Reloaded: what the page listed may have a gap after it, so it starts over from the new epoch.
+    api_publish(returned, topic, "after")
+    expect(page.locator(f'#publications li[data-topic="{topic}"]')).to_have_count(1)
+    assert listed_publications(page, topic) == ['"after"']
+    recovery = page.evaluate("window.pingpong.recoveries")[0]
+    assert (recovery["recovered"], recovery["missed"]) == (False, None)
+
+
+def test_pingpong_js_never_gives_the_application_a_publication_it_already_had(page, daphne_nodes):
+    # The embedded layer keeps history too: one node, no Redis.
+    node = daphne_nodes(env=NODE_ENV)
+    page.goto(f"{node.http}/")
+    page.evaluate("""() => {
+        window.got = [];
+        window.client = new PingPong("/ws/");
+        window.client.on("publication", event => { window.last = event; });
+        return window.client.subscribe("public:dedup", data => window.got.push(data));
+    }""")
+    api_publish(node, "public:dedup", 1)
+    page.wait_for_function("window.got.length === 1")
+    # The same offset again, as a server that sent it twice would: dropped. The next one is not.
+    page.evaluate("window.client.socket.onmessage({data: JSON.stringify(window.last)})")
+    api_publish(node, "public:dedup", 2)
+    page.wait_for_function("window.got.length >= 2")
+    assert page.evaluate("window.got") == [1, 2]
+    assert page.evaluate("window.client.position('public:dedup').offset") == 2

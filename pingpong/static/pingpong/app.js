@@ -1,4 +1,5 @@
-// The live page on pingpong.js: ping every second, chart the round trip, list broadcasts, subscribe to topics.
+// The live page on pingpong.js: ping every second, chart the round trip, list broadcasts, subscribe to topics
+// and say, after a reconnect, whether each topic's missed publications were recovered.
 "use strict";
 (function () {
   const config = JSON.parse(document.getElementById("config").textContent);
@@ -19,7 +20,15 @@
   // Everything goes through pingpong.js: connection, backoff, close-code policy, topics.
   const client = new PingPong(config.ws_path, { terminalCodes: config.terminal_codes, autoConnect: false });
   // Exposed for the browser test and for anyone poking at the page in devtools.
-  const page = (window.pingpong = { client: client, state: client.state, rtt: null, samples: [], drops: [], topics: {} });
+  const page = (window.pingpong = {
+    client: client,
+    state: client.state,
+    rtt: null,
+    samples: [],
+    drops: [],
+    topics: {},
+    recoveries: [], // every recovery outcome, oldest first
+  });
   ["socket", "reconnects", "lastClose"].forEach(function (name) {
     Object.defineProperty(page, name, { get: function () { return client[name]; } });
   });
@@ -70,14 +79,28 @@
   client.on("broadcast", function (event) {
     prepend(els.broadcasts, event.sent_at, [document.createTextNode(event.text)]);
   });
+  // After a reconnect: the missed publications follow (listed as they come), or the history is gone and
+  // the page reloads what it shows of the topic: its publications so far may have a gap, so they go.
+  client.on("recovery", function (outcome) {
+    page.recoveries.push(outcome);
+    if (!outcome.recovered) {
+      els.publications.querySelectorAll('li[data-topic="' + CSS.escape(outcome.topic) + '"]').forEach(function (item) { item.remove(); });
+    }
+    const item = els.subscriptions.querySelector('li[data-topic="' + CSS.escape(outcome.topic) + '"]');
+    if (!item) return;
+    const label = item.querySelector(".topic-recovery");
+    label.dataset.recovered = String(outcome.recovered);
+    label.textContent = outcome.recovered ? "recovered " + outcome.missed + " missed" : "history lost, reloaded";
+  });
   client.on("error", function (event) {
     if (event.topic) showTopic(event.topic, "refused", event.error); // a re-subscribe after a reconnect was refused
     console.warn("pingpong error:", event.error, event.detail);
   });
 
   // A list item that starts with the time; the list keeps the newest 50.
-  function prepend(list, sentAt, nodes) {
+  function prepend(list, sentAt, nodes, topic) {
     const item = document.createElement("li");
+    if (topic) item.dataset.topic = topic;
     const when = document.createElement("time");
     when.textContent = new Date((sentAt || Date.now() / 1000) * 1000).toLocaleTimeString();
     item.appendChild(when);
@@ -101,6 +124,8 @@
       name.textContent = topic;
       const label = document.createElement("span");
       label.className = "topic-state";
+      const recovery = document.createElement("small");
+      recovery.className = "topic-recovery";
       const leave = document.createElement("button");
       leave.type = "button";
       leave.textContent = "unsubscribe";
@@ -108,7 +133,7 @@
         client.unsubscribe(topic).catch(function () {});
         showTopic(topic, "gone");
       };
-      item.append(name, " ", label, " ", leave);
+      item.append(name, " ", label, " ", recovery, " ", leave);
       els.subscriptions.appendChild(item);
     }
     item.dataset.state = state;
@@ -126,7 +151,10 @@
       .subscribe(topic, function (data, event) {
         const name = document.createElement("code");
         name.textContent = event.topic;
-        prepend(els.publications, event.sent_at, [name, document.createTextNode(" " + JSON.stringify(data))]);
+        const text = document.createElement("span");
+        text.className = "data";
+        text.textContent = JSON.stringify(data);
+        prepend(els.publications, event.sent_at, [name, document.createTextNode(" "), text], event.topic);
       })
       .then(
         function () { if (page.topics[topic] === "subscribing") showTopic(topic, "subscribed"); },

@@ -7,7 +7,9 @@
 //
 // Requests carry an id; each returned Promise settles on the server's reply to that id: resolved with
 // the reply event, rejected with the error event ({type: "error", error: <code>, detail}). The client
-// reconnects with exponential backoff and full jitter and subscribes again to every topic it holds.
+// reconnects with exponential backoff and full jitter and subscribes again to every topic it holds, with
+// `since` (the last offset and epoch it got) on topics with history: a "recovery" event says per topic
+// whether every missed publication is replayed, or the history was lost and the application must reload.
 "use strict";
 (function (root) {
   // The README's close-code table: after these a client does not reconnect by itself (4401 only with a
@@ -46,7 +48,8 @@
       this._attempt = 0; // backoff step; reset once the server answers anything but an error
       this._nextId = 1;
       this._pending = new Map(); // request id -> {resolve, reject, timer, kind, topic}
-      this._topics = new Map(); // topic -> onPublication: what is subscribed again after a reconnect
+      this._topics = new Map(); // topic -> {onPublication, onRecovery}: what is subscribed again after a reconnect
+      this._positions = new Map(); // topic -> {offset, epoch}: the last publication (or subscribed reply) seen
       this._listeners = new Map(); // event name -> [listener]
       this._retryTimer = null;
       this._opened = false; // a connection opened once: the next ones count as reconnects
@@ -64,8 +67,10 @@
     /**
      * Listen to an event; returns a function that removes the listener. Events:
      * "state" (state, {code, delay}), "open", "close" (CloseEvent), "broadcast" (event),
-     * "publication" (event), "authenticated" (event), "token_expiring" (event), "error" (error event
-     * not answered to a pending request, or a client-side problem), "message" (every parsed event).
+     * "publication" (event), "recovery" ({topic, recovered, missed, offset, epoch}: the outcome of a
+     * re-subscribe with `since`, or `recovered: false` when a publication came in a new epoch),
+     * "authenticated" (event), "token_expiring" (event), "error" (error event not answered to a pending
+     * request, or a client-side problem), "message" (every parsed event).
      */
     on(name, listener) {
       if (!this._listeners.has(name)) this._listeners.set(name, []);
@@ -222,7 +227,7 @@
         this._pending.delete(event.id);
         clearTimeout(pending.timer);
         if (event.type === "error") {
-          if (pending.kind === "subscribe") this._topics.delete(pending.topic);
+          if (pending.kind === "subscribe") this._forget(pending.topic);
           pending.reject(event);
         } else {
           pending.resolve(event);
@@ -230,8 +235,9 @@
       }
       switch (event.type) {
         case "publication": {
-          const onPublication = this._topics.get(event.topic);
-          if (onPublication) onPublication(event.data, event);
+          if (!this._advance(event)) break; // seen already: the application never gets a duplicate
+          const held = this._topics.get(event.topic);
+          if (held) held.onPublication(event.data, event);
           this._emit("publication", event);
           break;
         }
@@ -250,6 +256,57 @@
           if (!pending) this._emit("error", event);
           break;
       }
+    }
+
+    // Move the topic's position to a publication's offset; false for one already seen (same epoch, an
+    // offset not past the last). A publication in another epoch means the history was lost while
+    // connected (Redis flushed or restarted): reported as a recovery that did not recover.
+    _advance(event) {
+      if (typeof event.offset !== "number" || typeof event.epoch !== "string") return true; // no history
+      const position = this._positions.get(event.topic);
+      if (position && position.epoch === event.epoch && event.offset <= position.offset) return false;
+      this._positions.set(event.topic, { offset: event.offset, epoch: event.epoch });
+      if (position && position.epoch !== event.epoch && this._topics.has(event.topic)) {
+        this._recovered({ topic: event.topic, recovered: false, missed: null, offset: event.offset, epoch: event.epoch });
+      }
+      return true;
+    }
+
+    // The position a `subscribed` reply gives. After `recovered: true` the missed publications follow
+    // the reply, so the position stays where it was and moves as they arrive; otherwise it is the
+    // topic's current one (the server sends nothing at or before it).
+    _subscribed(topic, since, reply) {
+      if (!this._topics.has(topic)) return;
+      const positioned = typeof reply.offset === "number" && typeof reply.epoch === "string";
+      if (positioned && !(since && reply.recovered === true)) {
+        this._positions.set(topic, { offset: reply.offset, epoch: reply.epoch });
+      }
+      if (!since) return;
+      const recovered = reply.recovered === true;
+      this._recovered({
+        topic: topic,
+        recovered: recovered,
+        missed: recovered ? reply.offset - since.offset : null,
+        offset: positioned ? reply.offset : null,
+        epoch: positioned ? reply.epoch : null,
+      });
+    }
+
+    _recovered(outcome) {
+      const held = this._topics.get(outcome.topic);
+      if (held && held.onRecovery) {
+        try {
+          held.onRecovery(outcome);
+        } catch (error) {
+          setTimeout(function () { throw error; }); // as for listeners
+        }
+      }
+      this._emit("recovery", outcome);
+    }
+
+    _forget(topic) {
+      this._topics.delete(topic);
+      this._positions.delete(topic);
     }
 
     _refresh() {
@@ -298,7 +355,8 @@
 
     // Send a subscribe for `topic`. The callers still waiting for one (a subscribe() made while
     // disconnected, or one a drop interrupted) are settled by this request's reply; a re-subscribe
-    // after a reconnect that nobody waits for reports a refusal as an "error" event.
+    // after a reconnect that nobody waits for reports a refusal as an "error" event. A re-subscribe
+    // to a topic with a known position carries it as `since`.
     _subscribeRequest(topic, resubscribe) {
       const waiting = [];
       this._pending.forEach((pending, id) => {
@@ -308,9 +366,15 @@
           clearTimeout(pending.timer);
         }
       });
-      const sent = this._request({ type: "subscribe", topic: topic }, { kind: "subscribe", topic: topic });
+      const position = resubscribe ? this._positions.get(topic) : undefined;
+      const since = position ? { offset: position.offset, epoch: position.epoch } : null;
+      const request = since ? { type: "subscribe", topic: topic, since: since } : { type: "subscribe", topic: topic };
+      const sent = this._request(request, { kind: "subscribe", topic: topic });
       sent.then(
-        (reply) => waiting.forEach((pending) => pending.resolve(reply)),
+        (reply) => {
+          this._subscribed(topic, since, reply);
+          waiting.forEach((pending) => pending.resolve(reply));
+        },
         (error) => {
           if (error.error === "disconnected") return; // still waiting: sent again on the next connection
           if (resubscribe && waiting.length === 0 && error.error !== "timeout") this._emit("error", Object.assign({ topic: topic }, error));
@@ -321,12 +385,17 @@
     }
 
     /**
-     * Subscribe to `topic`; `onPublication(data, event)` is called for every publication. Resolves with
-     * the `subscribed` reply, rejects with the error (`forbidden`, ...) and forgets the topic. While
-     * disconnected the subscribe is sent once connected. Every topic held is subscribed again after a reconnect.
+     * Subscribe to `topic`; `onPublication(data, event)` is called for every publication, never twice for
+     * one offset. Resolves with the `subscribed` reply, rejects with the error (`forbidden`, ...) and
+     * forgets the topic. While disconnected the subscribe is sent once connected. Every topic held is
+     * subscribed again after a reconnect, with `since` where it has history; `options.onRecovery(outcome)`
+     * gets the outcome, as the "recovery" event does.
      */
-    subscribe(topic, onPublication) {
-      this._topics.set(topic, onPublication || function () {});
+    subscribe(topic, onPublication, options) {
+      this._topics.set(topic, {
+        onPublication: onPublication || function () {},
+        onRecovery: (options && options.onRecovery) || null,
+      });
       if (this.socket && this.socket.readyState === WebSocket.OPEN) return this._subscribeRequest(topic);
       return new Promise((resolve, reject) => {
         // Parked without a timer until the next connection sends it (onopen).
@@ -336,7 +405,7 @@
 
     /** Stop receiving `topic`; resolves with the `unsubscribed` reply (at once when disconnected). */
     unsubscribe(topic) {
-      this._topics.delete(topic);
+      this._forget(topic);
       this._pending.forEach((pending, id) => {
         if (pending.kind === "subscribe" && pending.topic === topic) {
           this._pending.delete(id);
@@ -362,6 +431,12 @@
         const now = root.performance ? root.performance.now() : Date.now();
         return { rtt: now - sentAt, server_time: pong.server_time };
       });
+    }
+
+    /** The offset and epoch of the last publication of `topic` seen (or of its reply), or null. */
+    position(topic) {
+      const position = this._positions.get(topic);
+      return position ? { offset: position.offset, epoch: position.epoch } : null;
     }
 
     /** The topics this client holds (subscribed, or to be subscribed once connected). */
