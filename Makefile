@@ -33,7 +33,7 @@ run: $(BASE)
 test: $(DEV)
 	$(PYTEST)
 
-## test-fast: the suite without the tests marked `slow` (under a minute), for the edit-and-test loop
+## test-fast: the suite without the tests marked `slow`, for the edit-and-test loop
 test-fast: $(DEV)
 	$(PYTEST) -m "not slow"
 
