@@ -1,5 +1,9 @@
 """In-process websocket clients: Channels' WebsocketCommunicator on the project's ASGI app."""
 
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
 from channels.testing import WebsocketCommunicator
 
 from project.asgi import application
@@ -26,3 +30,23 @@ async def connected(path: str = "/ws/", *, client: tuple[str, int] | None = None
     accepted, _ = await ws.connect()
     assert accepted
     return ws
+
+
+async def ask(ws: WebsocketCommunicator, **request: Any) -> dict[str, Any]:
+    """Send one JSON request; its answer (the next event)."""
+    await ws.send_to(text_data=json.dumps(request))
+    return json.loads(await ws.receive_from())
+
+
+async def opened_clients() -> AsyncIterator[Callable[..., Awaitable[WebsocketCommunicator]]]:
+    """`await connect()` or `await connect(token=...)` opens a /ws/ client; all are disconnected at the end."""
+    opened: list[WebsocketCommunicator] = []
+
+    async def connect(token: str | None = None) -> WebsocketCommunicator:
+        ws = await connected(f"/ws/?token={token}" if token is not None else "/ws/")
+        opened.append(ws)
+        return ws
+
+    yield connect
+    for ws in opened:
+        await ws.disconnect()

@@ -1,11 +1,12 @@
 """Shared fixtures: real redis-server and daphne processes owned by the test (or the module), and a clean node."""
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from pingpong.node import node as this_node
+from tests.communicators import opened_clients
 from tests.processes import DaphneNode, RedisServer, SentinelServer, redis_binary
 
 # Unit tests run on the embedded layer whatever the developer's shell says.
@@ -29,6 +30,13 @@ def nodes_started(server: str = "daphne") -> Iterator[StartNode]:
     finally:
         for node in started:
             node.close()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable]:
+    """In-process /ws/ clients: `await clients()`, `await clients(token=...)`; disconnected after the test."""
+    async for connect in opened_clients():
+        yield connect
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 
 from pingpong import presence, protocol, tokens, topic_presence, topics
-from tests.communicators import connected
+from tests.communicators import ask
 from tests.processes import DaphneNode, RedisServer, free_port, http_request, scaled
 from tests.wsclient import next_event, ws_connect
 
@@ -35,26 +35,6 @@ def presence_namespaces(settings):
     topics.namespaces.cache_clear()
     yield
     topics.namespaces.cache_clear()
-
-
-@pytest.fixture
-async def clients():
-    """Connected /ws/ clients (`await clients(user=...)` for a token user), disconnected after the test."""
-    opened = []
-
-    async def connect(user: str | None = None):
-        ws = await connected(f"/ws/?token={tokens.issue(user)}" if user is not None else "/ws/")
-        opened.append(ws)
-        return ws
-
-    yield connect
-    for ws in opened:
-        await ws.disconnect()
-
-
-async def ask(ws, **request) -> dict:
-    await ws.send_to(text_data=json.dumps(request))
-    return json.loads(await ws.receive_from())
 
 
 async def subscribed(ws, topic: str) -> None:
@@ -84,7 +64,11 @@ def test_a_presence_flag_that_is_not_a_boolean_or_misspelt_is_refused_at_start(f
 
 
 async def test_presence_lists_every_subscriber_with_its_user_and_exact_counts(clients):
-    alice, alice_too, anonymous = await clients("alice"), await clients("alice"), await clients()
+    alice, alice_too, anonymous = (
+        await clients(token=tokens.issue("alice")),
+        await clients(token=tokens.issue("alice")),
+        await clients(),
+    )
     for ws in (alice, alice_too, anonymous):
         await subscribed(ws, "room:1")
     event = await presence_of(anonymous, "room:1")
@@ -104,7 +88,7 @@ async def test_a_connection_that_unsubscribes_or_disconnects_leaves_the_presence
 
 async def test_the_list_is_capped_but_the_counts_stay_exact(clients, monkeypatch):
     monkeypatch.setattr(protocol, "PRESENCE_LIST_MAX", 2)
-    subscribers = [await clients(f"user{index}") for index in range(3)]
+    subscribers = [await clients(token=tokens.issue(f"user{index}")) for index in range(3)]
     for ws in subscribers:
         await subscribed(ws, "lobby:big")
     event = await presence_of(subscribers[0], "lobby:big")
@@ -138,7 +122,7 @@ async def test_presence_of_a_topic_whose_namespace_keeps_none_is_a_bad_request(c
 
 
 async def test_subscribers_get_a_join_when_another_connection_subscribes_but_not_their_own(clients):
-    first, second = await clients("alice"), await clients("bob")
+    first, second = await clients(token=tokens.issue("alice")), await clients(token=tokens.issue("bob"))
     await subscribed(first, "room:j")
     await subscribed(second, "room:j")
     join = json.loads(await first.receive_from())
@@ -150,7 +134,11 @@ async def test_subscribers_get_a_join_when_another_connection_subscribes_but_not
 
 
 async def test_subscribers_get_a_leave_on_unsubscribe_and_on_disconnect(clients):
-    watcher, unsubscribes, disconnects = await clients(), await clients("u"), await clients("d")
+    watcher, unsubscribes, disconnects = (
+        await clients(),
+        await clients(token=tokens.issue("u")),
+        await clients(token=tokens.issue("d")),
+    )
     await subscribed(watcher, "chat:l")
     for ws in (unsubscribes, disconnects):
         await subscribed(ws, "chat:l")
@@ -187,7 +175,7 @@ async def test_a_disconnected_client_leaves_no_entry_behind(clients):
 
 
 async def test_the_api_lists_the_subscribers_with_the_api_token(clients):
-    ws = await clients("alice")
+    ws = await clients(token=tokens.issue("alice"))
     await subscribed(ws, "lobby:api")
     response = await AsyncClient().get("/api/presence/lobby:api", headers={"Authorization": f"Bearer {API_TOKEN}"})
     assert response.status_code == 200

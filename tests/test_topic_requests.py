@@ -9,7 +9,7 @@ from channels.layers import get_channel_layer
 
 from pingpong import protocol, tokens, topics
 from tests import authorize_hooks
-from tests.communicators import communicator, connected
+from tests.communicators import ask, communicator, connected
 
 SECRET = "topic-test-secret-" + "0123456789abcdef" * 4
 
@@ -33,26 +33,6 @@ def configure(settings):
         topics.authorize_hook.cache_clear()
 
     return apply
-
-
-@pytest.fixture
-async def clients():
-    """Connected /ws/ clients (`await clients()`, `await clients(token=...)`), disconnected after the test."""
-    opened = []
-
-    async def connect(token: str | None = None):
-        ws = await connected(f"/ws/?token={token}" if token is not None else "/ws/")
-        opened.append(ws)
-        return ws
-
-    yield connect
-    for ws in opened:
-        await ws.disconnect()
-
-
-async def ask(ws, **request) -> dict:
-    await ws.send_to(text_data=json.dumps(request))
-    return json.loads(await ws.receive_from())
 
 
 async def closed_with(ws, code: int) -> bool:
