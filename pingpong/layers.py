@@ -258,6 +258,8 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         self.process_pattern = f"{glob_escape(self.process_channel)}!*"
         self._process_subscription: asyncio.Future[None] | None = None
         self._group_subscriptions: dict[str, asyncio.Future[None]] = {}
+        self._subscribe_batch: dict[str, asyncio.Future[None]] = {}  # first joined, not yet written
+        self._subscribe_task: asyncio.Future[None] | None = None
         self._kept_groups: set[str] = set()
         self._unsubscribing: set[str] = set()
         self._last_raw: bytes | None = None
@@ -341,6 +343,7 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         # The base flush forgets every channel, the process router included: subscribe it anew.
         self._process_subscription = None
         self._group_subscriptions = {}
+        self._subscribe_batch = {}
         self._kept_groups = set()
         await super().flush()
 
@@ -366,17 +369,56 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
             await self._group_subscribe(group_channel)
 
     async def _group_subscribe(self, group_channel: str) -> None:
-        """Subscribe a group once; concurrent first joiners share the call, as in _process_subscribe."""
+        """Subscribe a group once; concurrent first joiners share the call, as in _process_subscribe.
+
+        The groups first joined in the same turn of the event loop go to Redis as one SUBSCRIBE
+        with every channel: a thousand clients resubscribing to their own topics after a node
+        restart make one write, not a thousand turns of the shard's lock.
+        """
         subscription = self._group_subscriptions.get(group_channel)
         if subscription is None:
-            shard = self._get_shard(group_channel)
-            subscription = self._group_subscriptions[group_channel] = asyncio.ensure_future(
-                shard.subscribe(group_channel)
-            )
+            subscription = self._group_subscriptions[group_channel] = asyncio.get_running_loop().create_future()
             # Forget it when done: success shows in the shard's _subscribed_to, and a failure
             # must let the next joiner try again.
             subscription.add_done_callback(lambda done: self._group_forget(group_channel, done))
+            self._subscribe_batch[group_channel] = subscription
+            if self._subscribe_task is None:
+                self._subscribe_task = asyncio.ensure_future(self._subscribe_batches())
         await asyncio.shield(subscription)
+
+    async def _subscribe_batches(self) -> None:
+        """SUBSCRIBE the waiting groups, one command per shard per batch, until none wait."""
+        try:
+            while self._subscribe_batch:
+                await asyncio.sleep(0)  # the other joiners of this turn add theirs
+                batch, self._subscribe_batch = self._subscribe_batch, {}
+                by_shard: dict[int, list[str]] = {}
+                for group_channel in batch:
+                    by_shard.setdefault(id(self._get_shard(group_channel)), []).append(group_channel)
+                for channels in by_shard.values():
+                    try:
+                        await self._subscribe_many(self._get_shard(channels[0]), channels)
+                    except Exception as error:  # every joiner of the batch gets the error
+                        for group_channel in channels:
+                            if not batch[group_channel].done():
+                                batch[group_channel].set_exception(error)
+                    else:
+                        for group_channel in channels:
+                            if not batch[group_channel].done():
+                                batch[group_channel].set_result(None)
+        finally:
+            self._subscribe_task = None
+
+    @staticmethod
+    async def _subscribe_many(shard: RedisSingleShardConnection, channels: list[str]) -> None:
+        """channels-redis' RedisSingleShardConnection.subscribe, for several channels in one command."""
+        async with shard._lock:
+            wanted = [channel for channel in channels if channel not in shard._subscribed_to]
+            if wanted:
+                shard._ensure_redis()
+                shard._ensure_receiver()
+                await shard._pubsub.subscribe(*wanted)
+                shard._subscribed_to.update(wanted)
 
     def _group_forget(self, group_channel: str, subscription: "asyncio.Future[None]") -> None:
         if self._group_subscriptions.get(group_channel) is subscription:

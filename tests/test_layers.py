@@ -195,26 +195,38 @@ async def test_a_join_while_the_last_member_leaves_still_gets_group_messages(lay
     assert await receive(layer, joining) == {"type": "m"}
 
 
-async def test_a_burst_of_first_joins_of_a_group_shares_one_subscribe(layers):
+async def subscribe_commands(redis_server) -> int:
+    """SUBSCRIBE commands Redis has run since it started (INFO commandstats)."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return int(stats.get("cmdstat_subscribe", {}).get("calls", 0))
+
+
+async def test_a_burst_of_first_joins_of_a_group_shares_one_subscribe(layers, redis_server):
     """200 concurrent first group_adds for one group make one SUBSCRIBE, not a queue on the shard lock."""
     layer = layers[0]
     channels = [await layer.new_channel() for _ in range(200)]
-    loop_layer = layer._get_layer()
-    shard = loop_layer._get_shard(loop_layer._get_group_channel_name("room"))
-    subscribes = 0
-    subscribe = shard.subscribe
-
-    async def counted(channel):
-        nonlocal subscribes
-        subscribes += 1
-        await subscribe(channel)
-
-    shard.subscribe = counted
+    before = await subscribe_commands(redis_server)
     await asyncio.gather(*(layer.group_add("room", channel) for channel in channels))
-    assert subscribes == 1
+    assert await subscribe_commands(redis_server) - before == 1
     await layer.group_send("room", {"type": "m"})
     for channel in channels:
         assert await receive(layer, channel) == {"type": "m"}
+
+
+async def test_a_burst_of_first_joins_of_many_groups_is_one_subscribe_command(layers, redis_server):
+    """A thousand clients resubscribing to their own topics after a restart: one SUBSCRIBE of every group."""
+    layer = layers[0]
+    channels = [await layer.new_channel() for _ in range(500)]
+    before = await subscribe_commands(redis_server)
+    await asyncio.gather(*(layer.group_add(f"own{index}", channel) for index, channel in enumerate(channels)))
+    assert await subscribe_commands(redis_server) - before == 1
+    await asyncio.gather(*(layer.group_send(f"own{index}", {"type": "m", "n": index}) for index in range(500)))
+    for index, channel in enumerate(channels):
+        assert await receive(layer, channel) == {"type": "m", "n": index}
 
 
 async def test_a_warmed_up_group_stays_subscribed_when_its_last_member_leaves(layers):
