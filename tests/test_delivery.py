@@ -107,6 +107,7 @@ async def test_every_client_gets_every_publication_exactly_once_through_drops_an
         hold_seconds=(0.5, 3.0),
         drain=scaled(15),
     )
+    print(json.dumps(report))  # the figures, with -s
     assert report["subscribed"] == 30
     assert report["accepted"] == report["sent"] == 160, violations_of(report)
     assert report["violations"] == 0, violations_of(report)
@@ -137,6 +138,7 @@ async def test_after_a_redis_restart_clients_are_told_recovered_false_and_publis
         redis_down_seconds=1.5,
         drain=scaled(15),
     )
+    print(json.dumps(report))  # the figures, with -s
     restart = report["redis_restart"]
     assert report["violations"] == 0, violations_of(report)
     assert report["epochs"] == 2, report
