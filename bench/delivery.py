@@ -28,6 +28,7 @@ from typing import Any
 
 from bench.fanclient import FanoutClient
 from bench.loadgen import CLIENT_BOUND_PERCENT, cpu_seconds, percentiles
+from bench.servers import process_cpu_seconds
 from pingpong import protocol
 from tests.processes import LOOPBACK, RedisServer, ServerProcess, port_open
 
@@ -244,7 +245,7 @@ class CheckedClient:
             try:
                 _, connection = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: CheckedConnection(
+                        lambda node=node, port=port: CheckedConnection(
                             owner=self,
                             node=node,
                             host=LOOPBACK,
@@ -294,8 +295,8 @@ class CheckedClient:
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
         while (left := end - loop.time()) > 0:
-            waiter = asyncio.ensure_future(self.resubscribe.wait())
-            done, _ = await asyncio.wait({connection.lost, waiter}, timeout=left)
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(self.resubscribe.wait())
+            await asyncio.wait({connection.lost, waiter}, timeout=left)
             waiter.cancel()
             if connection.lost.done():
                 return False
@@ -335,7 +336,11 @@ class CheckedClient:
                 return
             now = loop.time()
             churning = now < churn_until
-            hold = min(self.run.random.uniform(*self.run.hold_seconds), churn_until - now) if churning else stay_until - now
+            hold = (
+                min(self.run.random.uniform(*self.run.hold_seconds), churn_until - now)
+                if churning
+                else stay_until - now
+            )
             if not await self.hold(hold):
                 self.lost()
             elif loop.time() < churn_until:
@@ -362,7 +367,9 @@ class PublishLog:
     last_epoch: str | None = None
 
 
-async def api_post(port: int, path: str, payload: dict[str, Any], *, token: str) -> tuple[int, bytes]:
+async def api_post(
+    port: int, path: str, payload: dict[str, Any], *, token: str, within: float = PUBLISH_WITHIN
+) -> tuple[int, bytes]:
     """POST `payload` as JSON to `path` with a bearer `token`; (HTTP status, body); raises OSError/TimeoutError."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     body = json.dumps(payload).encode()
@@ -374,8 +381,8 @@ async def api_post(port: int, path: str, payload: dict[str, Any], *, token: str)
         + body
     )
     try:
-        status_line = await asyncio.wait_for(reader.readline(), PUBLISH_WITHIN)
-        answer = await asyncio.wait_for(reader.read(), PUBLISH_WITHIN)
+        status_line = await asyncio.wait_for(reader.readline(), within)
+        answer = await asyncio.wait_for(reader.read(), within)
     finally:
         writer.close()
     return (int(status_line.split()[1]) if status_line else 0), answer.partition(b"\r\n\r\n")[2]
@@ -453,6 +460,7 @@ async def delivery_run(
     churn_until = started + seconds
     stay_until = churn_until + drain
     events: dict[str, Any] = {"node_kills": [], "redis_down": None, "redis_back": None}
+    killed_cpu = [0.0]
     cpu_started = cpu_seconds()
     wall_started = time.time()
 
@@ -494,6 +502,7 @@ async def delivery_run(
             for client in checked:
                 if client.connection is not None and client.connection.node == target:
                     client.connection.node_killed = True
+            killed_cpu[0] += process_cpu_seconds(nodes[target].pid)  # read just before it is lost with the process
             await asyncio.to_thread(nodes[target].kill)
             killed_at = loop.time() - started
             await asyncio.to_thread(node_restart, nodes[target])
@@ -561,6 +570,7 @@ async def delivery_run(
         client_cpu=client_cpu,
         wall_started=wall_started,
         topic=run.topic,
+        killed_nodes_cpu_seconds=round(killed_cpu[0], 3),
     )
 
 

@@ -86,6 +86,9 @@ def verdicts(rows: list[Row]) -> list[str]:
     for row in rows:
         if row.get("workload") == "w5":
             lines.append(w5_delivery_verdict(row))
+    for row in rows:
+        if row.get("workload") == "w6":
+            lines.append(w6_delivery_verdict(row))
     return lines
 
 
@@ -114,6 +117,28 @@ def w5_delivery_verdict(row: Row) -> str:
         f"publications accepted, {row['delivered_percent']}% of those delivered, {row['duplicates']} duplicates, "
         f"{row['misrouted']} misrouted (target: all accepted, 100% delivered exactly once) {'met' if full else 'MISSED'}"
     )
+
+
+def w6_delivery_verdict(row: Row) -> str:
+    """The delivery checker: every publication accepted, no gap or duplicate after `recovered: true`, no
+    `recovered: false` (Redis stayed up), and every client at the last offset at the end."""
+    full = (
+        row["accepted"] == row["sent"] > 0
+        and row["violations"] == 0
+        and row["recovered_false"] == 0
+        and row["caught_up"] == row["clients"]
+    )
+    return (
+        f"W6 {row['server']}: {row['accepted']}/{row['sent']} publications accepted, {row['violations']} violations "
+        f"(gaps, duplicates), {row['recovered_true']} recovered / {row['recovered_false']} not, "
+        f"{row['caught_up']}/{row['clients']} clients at the last offset "
+        f"(target: 0 violations, 0 recovered:false, all caught up) {'met' if full else 'MISSED'}"
+    )
+
+
+def drops_cell(row: Row) -> str:
+    """W6's drops by kind: clean close, abort (no close frame), node SIGKILLed, and any other close code."""
+    return ", ".join(f"{kind} {count}" for kind, count in row["drops"].items()) or "-"
 
 
 def statuses_cell(row: Row) -> str:
@@ -204,6 +229,25 @@ def table(rows: list[Row]) -> str:
                 f"| {r['accepted']:,}/{r['sent']:,} | {statuses_cell(r)} | {r['delivered']:,}/{r['expected']:,} "
                 f"| {r['delivered_percent']} | {r['duplicates']} | {r['misrouted']} | {lat['p50']:.0f} | {lat['p99']:.0f} "
                 f"| {lat['max']:.0f} | {r['latency_user_ms']['p99']:.0f} | {r['latency_public_ms']['p99']:.0f} "
+                f"| {client_cpu(r)} | {r['server_cpu_percent']:.0f}% |"
+            )
+        out.append("")
+    w6 = [row for row in rows if row["workload"] == "w6"]
+    if w6:
+        out += [
+            "W6 delivery checker (redis-server + nodes, one topic with history, drops and node SIGKILLs, reconnects with since)",
+            "",
+            "| server | nodes | clients | publishers | accepted/sent | not 202 | deliveries | caught up | drops | node kills | recovered true / false | violations | latency p50 ms | p99 | recovery p50 ms | p99 | client CPU | servers CPU |",
+            "|---|--:|--:|--:|--:|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in w6:
+            lat, rec = r["latency_ms"], r["recovery_ms"]
+            out.append(
+                f"| {r['server']} | {r['nodes']} | {r['subscribed']:,}/{r['clients']:,} | {r['publishers']} "
+                f"| {r['accepted']:,}/{r['sent']:,} | {statuses_cell(r)} | {r['deliveries']:,} "
+                f"| {r['caught_up']:,}/{r['clients']:,} | {drops_cell(r)} | {len(r['node_kills'])} "
+                f"| {r['recovered_true']:,} / {r['recovered_false']:,} | {r['violations']} "
+                f"| {lat['p50']:.0f} | {lat['p99']:.0f} | {rec['p50']:.0f} | {rec['p99']:.0f} "
                 f"| {client_cpu(r)} | {r['server_cpu_percent']:.0f}% |"
             )
         out.append("")
