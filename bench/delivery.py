@@ -17,6 +17,7 @@ run `delivery_run`; the checker is a plain class so a test can prove it fails on
 """
 
 import asyncio
+import functools
 import json
 import random
 import time
@@ -245,7 +246,8 @@ class CheckedClient:
             try:
                 _, connection = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda node=node, port=port: CheckedConnection(
+                        functools.partial(
+                            CheckedConnection,
                             owner=self,
                             node=node,
                             host=LOOPBACK,
