@@ -500,12 +500,16 @@ async def delivery_run(
         (open loop: a slow answer does not lower the rate)."""
         per_publisher = rate / publishers
         sending: list[asyncio.Task[None]] = []
-        for number in range(int(rate * seconds / publishers)):
-            at = started + (number + index / publishers) / per_publisher
-            await asyncio.sleep(max(0.0, at - loop.time()))
-            sending.append(asyncio.ensure_future(publish(index, number)))
-        log.sending_seconds = max(log.sending_seconds, loop.time() - started)
-        await asyncio.gather(*sending)
+        try:
+            for number in range(int(rate * seconds / publishers)):
+                at = started + (number + index / publishers) / per_publisher
+                await asyncio.sleep(max(0.0, at - loop.time()))
+                sending.append(asyncio.ensure_future(publish(index, number)))
+            log.sending_seconds = max(log.sending_seconds, loop.time() - started)
+            await asyncio.gather(*sending)
+        finally:
+            for task in sending:
+                task.cancel()
 
     async def killer() -> None:
         for number in range(node_kills):
