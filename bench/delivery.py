@@ -31,7 +31,7 @@ from bench.fanclient import FanoutClient
 from bench.loadgen import CLIENT_BOUND_PERCENT, cpu_seconds, percentiles
 from bench.servers import process_cpu_seconds
 from pingpong import protocol
-from tests.processes import LOOPBACK, RedisServer, ServerProcess, port_open
+from tests.processes import LOOPBACK, RedisServer, ServerProcess
 
 Say = Callable[[str], None]
 
@@ -41,6 +41,8 @@ DROP_CLEAN, DROP_ABORT, DROP_NODE_KILLED = "clean", "abort", "node_killed"
 CONNECT_WITHIN = 5.0
 #: Connections one client may open in a run, at most: every loop here is bounded in count as well as time.
 MAX_CONNECTIONS_PER_CLIENT = 500
+#: Rounds over the nodes one reconnect may make before it gives up (it also stops at the run's end).
+MAX_CONNECT_ROUNDS = 200
 #: Subscribe requests per connection when the answer is `unavailable` (nothing changed: retry).
 SUBSCRIBE_ATTEMPTS = 5
 #: Attempts per publication (the same id each time: a topic with history publishes an id once).
@@ -277,7 +279,9 @@ class CheckedClient:
                 self.waiting = RecoveryWait(started=time.time())
             self.waiting.target = None
         delay = 0.1
-        while loop.time() < until and self.connections < MAX_CONNECTIONS_PER_CLIENT:
+        for _ in range(MAX_CONNECT_ROUNDS):
+            if loop.time() >= until or self.connections >= MAX_CONNECTIONS_PER_CLIENT:
+                break
             connection = await self.open()
             if connection is not None:
                 self.connection = connection
@@ -533,8 +537,7 @@ async def delivery_run(
         await asyncio.to_thread(redis.kill)
         events["redis_down"] = time.time()
         await asyncio.sleep(redis_down_seconds)
-        await asyncio.to_thread(redis.start)
-        await asyncio.to_thread(lambda: port_open(redis.port))
+        await asyncio.to_thread(redis.start)  # on its port, ready once the port takes connections
         events["redis_back"] = time.time()
 
     async def report_progress() -> None:
