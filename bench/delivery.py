@@ -274,10 +274,9 @@ class CheckedClient:
         """Open a connection (retrying, bounded by `until`) and subscribe, with `since` when the client has a position."""
         loop = asyncio.get_running_loop()
         since = self.check.position()
-        if since is not None:
-            if self.waiting is None:  # a retry keeps the reconnect's start
-                self.waiting = RecoveryWait(started=time.time())
-            self.waiting.target = None
+        # Timed from here, over every node tried, to the end of the replay; a recovery that a drop
+        # interrupts is not timed (the next reconnect is timed on its own).
+        self.waiting = RecoveryWait(started=time.time()) if since is not None else None
         delay = 0.1
         for _ in range(MAX_CONNECT_ROUNDS):
             if loop.time() >= until or self.connections >= MAX_CONNECTIONS_PER_CLIENT:
