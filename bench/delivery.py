@@ -179,13 +179,14 @@ class CheckedClient:
         self.waiting: RecoveryWait | None = None
         self.subscribe_attempts = 0
         self.resubscribe: asyncio.Event = asyncio.Event()
-        # Subscribes with `since` in an epoch other than the answer's: (since epoch, answered epoch, recovered).
+        # Every subscribe with `since`, answered: (the since's epoch, the answer's epoch, recovered, arrival).
         self.answers: list[tuple[str, str, bool, float]] = []
         self.pending_since: tuple[int, str] | None = None
 
     # Frames
 
     def frame(self, connection: CheckedConnection, arrived: float, payload: bytes) -> None:
+        """One server event, in arrival order: checked, timed, and answered where a client must act."""
         event = json.loads(payload)
         kind = event.get("type")
         if kind == protocol.EVENT_PUBLICATION:
@@ -204,7 +205,7 @@ class CheckedClient:
             recovered = event.get(protocol.FIELD_RECOVERED)
             since, self.pending_since = self.pending_since, None
             if since is not None and recovered is not None:
-                self.answers.append((since[1], event[protocol.FIELD_EPOCH], bool(recovered), time.time()))
+                self.answers.append((since[1], event[protocol.FIELD_EPOCH], bool(recovered), arrived))
             self.check.subscribed(
                 offset=event[protocol.FIELD_OFFSET],
                 epoch=event[protocol.FIELD_EPOCH],
@@ -224,6 +225,7 @@ class CheckedClient:
                 self.resubscribe.set()
 
     def recovered_at(self, arrived: float) -> None:
+        """The replay of the current reconnect is complete: time it."""
         assert self.waiting is not None
         self.recovery_seconds.append(arrived - self.waiting.started)
         self.waiting = None
@@ -231,6 +233,7 @@ class CheckedClient:
     # Requests
 
     def send_subscribe(self, connection: CheckedConnection, since: tuple[int, str] | None) -> None:
+        """Subscribe to the run's topic, with `since` = (offset, epoch) when given."""
         self.subscribe_attempts += 1
         request: dict[str, Any] = {"type": protocol.REQUEST_SUBSCRIBE, "topic": self.run.topic, "id": "sub"}
         if since is not None:
