@@ -18,6 +18,7 @@ from typing import Any
 from bench import report
 from bench.servers import cpu_split, open_files_raise, redis_start
 from bench.workloads import w1_pingpong, w2_capacity, w3_fanout, w5_topics, w6_delivery
+from tests.processes import RedisServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,6 +64,13 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w6-publishers", type=int, default=4, help="concurrent publishers (alternating nodes)")
     parser.add_argument("--w6-node-kills", type=int, default=2, help="node SIGKILLs, spread over the run")
     parser.add_argument("--w6-drain", type=float, default=15.0, help="seconds for every client to catch up")
+    parser.add_argument(
+        "--w6-redis-restart",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="kill Redis this many seconds into W6's publishing and start it again 1.5 s later (history lost)",
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="run every case N times, interleaved; report the median run"
     )
@@ -131,8 +139,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tuple[str, Callable[..., dict]]]:
-    """Every (label, call) of this run, in order."""
+def steps_plan(
+    options: argparse.Namespace, *, redis_url: str | None, redis: RedisServer | None = None
+) -> list[tuple[str, Callable[..., dict]]]:
+    """Every (label, call) of this run, in order; `redis` is the run's redis-server (W6 may restart it)."""
     only = set(csv(options.only))
     plan: list[tuple[str, Callable[..., dict]]] = []
     apps = csv(options.apps)
@@ -206,6 +216,8 @@ def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tu
                             server=s, clients=options.w6_clients, nodes=options.w6_nodes, rate=options.w6_rate,
                             seconds=options.w6_seconds, publishers=options.w6_publishers,
                             node_kills=options.w6_node_kills, drain=options.w6_drain,
+                            redis=redis if options.w6_redis_restart is not None else None,
+                            redis_restart_at=options.w6_redis_restart,
                             redis_url=redis_url, cores=cores, log_dir=logs, say=say,
                         ),
                     )
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     began = time.monotonic()
     try:
-        plan = steps_plan(options, redis_url=redis_url)
+        plan = steps_plan(options, redis_url=redis_url, redis=redis)
         progress = Progress(len(plan) * options.repeat)
         for _ in range(options.repeat):
             for label, call in plan:

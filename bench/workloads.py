@@ -29,6 +29,7 @@ from bench.loadgen import (
 )
 from bench.servers import LOOPBACK, TOKEN, TOKEN_SECRET, ServerProcess, app_start, process_cpu_seconds, rss_bytes
 from pingpong import protocol
+from tests.processes import RedisServer
 
 Say = Callable[[str], None]
 Row = dict[str, Any]
@@ -639,6 +640,10 @@ def w5_topics(
 W6_NAMESPACES = {"public": {"subscribe": "anyone", "publish": "server", "history_size": 10_000, "history_ttl": 600}}
 
 
+#: With --w6-redis-restart: seconds between Redis' kill and its restart.
+W6_REDIS_DOWN_SECONDS = 1.5
+
+
 def w6_delivery(
     *,
     server: str = "daphne",
@@ -653,11 +658,14 @@ def w6_delivery(
     cores,
     log_dir: Path,
     say: Say,
+    redis: RedisServer | None = None,
+    redis_restart_at: float | None = None,
     seed: int = 6,
 ) -> Row:
     """The delivery checker (bench.delivery): `clients` on one `public:` topic over `nodes` nodes, `rate`
     publications/s for `seconds` from `publishers` through POST /api/publish, clients dropping (clean,
-    abort) and `node_kills` SIGKILLs of a node, restarted on its port; every client's offsets checked."""
+    abort) and `node_kills` SIGKILLs of a node, restarted on its port; every client's offsets checked.
+    With `redis` and `redis_restart_at`, Redis is restarted that many seconds in (`recovered: false` expected then)."""
     started: list[ServerProcess] = []
     env = {"PINGPONG_NAMESPACES": json.dumps(W6_NAMESPACES)}
     try:
@@ -677,6 +685,9 @@ def w6_delivery(
                 publishers=publishers,
                 node_kills=node_kills,
                 drain=drain,
+                redis=redis,
+                redis_restart_at=redis_restart_at,
+                redis_down_seconds=W6_REDIS_DOWN_SECONDS,
                 seed=seed,
                 say=say,
             )
