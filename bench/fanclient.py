@@ -70,7 +70,7 @@ class FanoutClient(asyncio.Protocol):
             payload = bytes(buffer[start : start + length])
             offset = start + length
             if opcode == OP_TEXT:
-                self.frames.append((now, payload))
+                self.text_received(now, payload)
             elif opcode == OP_PING:
                 self.transport.write(frame_encode(opcode=OP_PONG, payload=payload))
             elif opcode == OP_CLOSE:
@@ -79,6 +79,10 @@ class FanoutClient(asyncio.Protocol):
                 self.transport.close()
         if offset:
             del buffer[:offset]
+
+    def text_received(self, arrived: float, payload: bytes) -> None:
+        """A text frame arrived (time.time() of the read that carried it); kept in `frames` unless overridden."""
+        self.frames.append((arrived, payload))
 
     def send_text(self, text: str) -> None:
         """One masked text frame (a request such as subscribe); the transport buffers it."""

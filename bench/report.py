@@ -86,6 +86,9 @@ def verdicts(rows: list[Row]) -> list[str]:
     for row in rows:
         if row.get("workload") == "w5":
             lines.append(w5_delivery_verdict(row))
+    for row in rows:
+        if row.get("workload") == "w6":
+            lines.append(w6_delivery_verdict(row))
     return lines
 
 
@@ -114,6 +117,57 @@ def w5_delivery_verdict(row: Row) -> str:
         f"publications accepted, {row['delivered_percent']}% of those delivered, {row['duplicates']} duplicates, "
         f"{row['misrouted']} misrouted (target: all accepted, 100% delivered exactly once) {'met' if full else 'MISSED'}"
     )
+
+
+#: With a Redis restart (W6 --w6-redis-restart): publishing accepted again within this many seconds of Redis being back.
+W6_RESUME_SECONDS = 5.0
+
+
+def w6_delivery_verdict(row: Row) -> str:
+    """The delivery checker: no gap or duplicate after `recovered: true`, every client at the last offset at the
+    end; with Redis up, every publication accepted and no `recovered: false`; with a Redis restart, every
+    `since` from before it answered `recovered: false`, and a 202 again within W6_RESUME_SECONDS."""
+    restart = row.get("redis_restart")
+    common = row["violations"] == 0 and row["caught_up"] == row["clients"] and row["sent"] > 0
+    if restart is None:
+        full = common and row["accepted"] == row["sent"] and row["recovered_false"] == 0
+        target = "0 violations, 0 recovered:false, all caught up"
+    else:
+        resumed = restart["first_202_after_back_s"]
+        full = (
+            common
+            and restart["old_since_answers"] > 0
+            and restart["old_since_recovered_true"] == 0
+            and row["recovered_false_same_epoch"] == 0
+            and resumed is not None
+            and resumed <= W6_RESUME_SECONDS
+        )
+        target = (
+            f"0 violations, every old since recovered:false ({restart['old_since_answers']} answered), "
+            f"a 202 within {W6_RESUME_SECONDS:g} s of Redis back (after {resumed} s), all caught up"
+        )
+    return (
+        f"W6 {row['server']}: {row['accepted']}/{row['sent']} publications accepted, {row['violations']} violations "
+        f"(gaps, duplicates), {row['recovered_true']} recovered / {row['recovered_false']} not, "
+        f"{row['caught_up']}/{row['clients']} clients at the last offset "
+        f"(target: {target}) {'met' if full else 'MISSED'}"
+    )
+
+
+def redis_restart_cell(row: Row) -> str:
+    """W6 with --w6-redis-restart: old `since`s answered and how many were wrongly recovered, and the first 202 after."""
+    restart = row.get("redis_restart")
+    if restart is None:
+        return "-"
+    return (
+        f"{restart['old_since_answers']} old since, {restart['old_since_recovered_true']} recovered; "
+        f"202 after {restart['first_202_after_back_s']} s"
+    )
+
+
+def drops_cell(row: Row) -> str:
+    """W6's drops by kind: clean close, abort (no close frame), node SIGKILLed, and any other close code."""
+    return ", ".join(f"{kind} {count}" for kind, count in row["drops"].items()) or "-"
 
 
 def statuses_cell(row: Row) -> str:
@@ -204,6 +258,25 @@ def table(rows: list[Row]) -> str:
                 f"| {r['accepted']:,}/{r['sent']:,} | {statuses_cell(r)} | {r['delivered']:,}/{r['expected']:,} "
                 f"| {r['delivered_percent']} | {r['duplicates']} | {r['misrouted']} | {lat['p50']:.0f} | {lat['p99']:.0f} "
                 f"| {lat['max']:.0f} | {r['latency_user_ms']['p99']:.0f} | {r['latency_public_ms']['p99']:.0f} "
+                f"| {client_cpu(r)} | {r['server_cpu_percent']:.0f}% |"
+            )
+        out.append("")
+    w6 = [row for row in rows if row["workload"] == "w6"]
+    if w6:
+        out += [
+            "W6 delivery checker (redis-server + nodes, one topic with history, drops and node SIGKILLs, reconnects with since)",
+            "",
+            "| server | nodes | clients | publishers | accepted/sent | not 202 | deliveries | caught up | drops | node kills | recovered true / false | violations | Redis restart | latency p50 ms | p99 | recovery p50 ms | p99 | client CPU | servers CPU |",
+            "|---|--:|--:|--:|--:|---|--:|--:|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in w6:
+            lat, rec = r["latency_ms"], r["recovery_ms"]
+            out.append(
+                f"| {r['server']} | {r['nodes']} | {r['subscribed']:,}/{r['clients']:,} | {r['publishers']} "
+                f"| {r['accepted']:,}/{r['sent']:,} | {statuses_cell(r)} | {r['deliveries']:,} "
+                f"| {r['caught_up']:,}/{r['clients']:,} | {drops_cell(r)} | {len(r['node_kills'])} "
+                f"| {r['recovered_true']:,} / {r['recovered_false']:,} | {r['violations']} | {redis_restart_cell(r)} "
+                f"| {lat['p50']:.0f} | {lat['p99']:.0f} | {rec['p50']:.0f} | {rec['p99']:.0f} "
                 f"| {client_cpu(r)} | {r['server_cpu_percent']:.0f}% |"
             )
         out.append("")

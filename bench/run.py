@@ -17,7 +17,8 @@ from typing import Any
 
 from bench import report
 from bench.servers import cpu_split, open_files_raise, redis_start
-from bench.workloads import w1_pingpong, w2_capacity, w3_fanout, w5_topics
+from bench.workloads import w1_pingpong, w2_capacity, w3_fanout, w5_topics, w6_delivery
+from tests.processes import RedisServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,7 +30,7 @@ def csv(text: str) -> list[str]:
 def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run of a minute or so)")
-    parser.add_argument("--only", default="w1,w2,w3,w5", help="workloads to run (default w1,w2,w3,w5)")
+    parser.add_argument("--only", default="w1,w2,w3,w5,w6", help="workloads to run (default w1,w2,w3,w5,w6)")
     parser.add_argument("--servers", default="daphne,uvicorn", help="servers for W1 and W2")
     parser.add_argument("--apps", default="project,project-channels-redis,baseline,stock", help="apps for W1 and W2")
     parser.add_argument("--w3-apps", default="project,project-channels-redis,rawfanout,stock", help="apps for W3")
@@ -55,6 +56,21 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w5-public-rate", type=float, default=2.0, help="publications to public:all per second")
     parser.add_argument("--w5-seconds", type=float, default=10.0, help="seconds of publishing")
     parser.add_argument("--w5-drain", type=float, default=15.0, help="seconds to wait for late deliveries")
+    parser.add_argument("--w6-servers", default="daphne,uvicorn", help="servers for W6 (the project only)")
+    parser.add_argument("--w6-clients", type=int, default=200)
+    parser.add_argument("--w6-nodes", type=int, default=2)
+    parser.add_argument("--w6-rate", type=float, default=50.0, help="publications per second to the one topic")
+    parser.add_argument("--w6-seconds", type=float, default=30.0, help="seconds of publishing (and of drops)")
+    parser.add_argument("--w6-publishers", type=int, default=4, help="concurrent publishers (alternating nodes)")
+    parser.add_argument("--w6-node-kills", type=int, default=2, help="node SIGKILLs, spread over the run")
+    parser.add_argument("--w6-drain", type=float, default=15.0, help="seconds for every client to catch up")
+    parser.add_argument(
+        "--w6-redis-restart",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="kill Redis this many seconds into W6's publishing and start it again 1.5 s later (history lost)",
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="run every case N times, interleaved; report the median run"
     )
@@ -66,6 +82,7 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
         options.connections, options.duration, options.warmup = "20,200", 3.0, 1.0
         options.w2_connections, options.w3_clients, options.w3_seconds, options.w3_drain = 1000, 400, 2.0, 5.0
         options.w5_clients, options.w5_seconds, options.w5_drain = 100, 2.0, 5.0
+        options.w6_clients, options.w6_rate, options.w6_seconds, options.w6_node_kills = 40, 20.0, 6.0, 1
     return options
 
 
@@ -122,8 +139,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tuple[str, Callable[..., dict]]]:
-    """Every (label, call) of this run, in order."""
+def steps_plan(
+    options: argparse.Namespace, *, redis_url: str | None, redis: RedisServer | None = None
+) -> list[tuple[str, Callable[..., dict]]]:
+    """Every (label, call) of this run, in order; `redis` is the run's redis-server (W6 may restart it)."""
     only = set(csv(options.only))
     plan: list[tuple[str, Callable[..., dict]]] = []
     apps = csv(options.apps)
@@ -185,6 +204,24 @@ def steps_plan(options: argparse.Namespace, *, redis_url: str | None) -> list[tu
                         ),
                     )
                 )  # fmt: skip
+    if "w6" in only:
+        if redis_url is None:
+            print("W6 skipped: redis-server is not installed", file=sys.stderr)
+        else:
+            for server in csv(options.w6_servers):
+                plan.append(
+                    (
+                        f"W6 {server} delivery {options.w6_nodes} nodes {options.w6_clients:,} clients",
+                        lambda say, cores, logs, s=server: w6_delivery(
+                            server=s, clients=options.w6_clients, nodes=options.w6_nodes, rate=options.w6_rate,
+                            seconds=options.w6_seconds, publishers=options.w6_publishers,
+                            node_kills=options.w6_node_kills, drain=options.w6_drain,
+                            redis=redis if options.w6_redis_restart is not None else None,
+                            redis_restart_at=options.w6_redis_restart,
+                            redis_url=redis_url, cores=cores, log_dir=logs, say=say,
+                        ),
+                    )
+                )  # fmt: skip
     return plan
 
 
@@ -202,6 +239,14 @@ def summary(row: dict) -> str:
             f"{row['answered']:,} answered, errors {row['errors']}"
         )
     lat = row["latency_ms"]
+    if row["workload"] == "w6":
+        return (
+            f"{row['accepted']}/{row['sent']} accepted {row['statuses']}, {row['deliveries']:,} deliveries, "
+            f"recovered {row['recovered_true']} true / {row['recovered_false']} false, "
+            f"violations {row['violations']}, caught up {row['caught_up']}/{row['clients']}, drops {row['drops']}, "
+            f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, recovery p99 {row['recovery_ms']['p99']:.0f} ms, "
+            f"client CPU {report.client_cpu(row)}"
+        )
     if row["workload"] == "w5":
         return (
             f"{row['subscribed']:,}/{row['clients']:,} subscribed (retries {row['subscribe_retries'] or 0}), "
@@ -272,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     began = time.monotonic()
     try:
-        plan = steps_plan(options, redis_url=redis_url)
+        plan = steps_plan(options, redis_url=redis_url, redis=redis)
         progress = Progress(len(plan) * options.repeat)
         for _ in range(options.repeat):
             for label, call in plan:
@@ -283,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     progress.end(f"FAILED: {type(error).__name__}: {error}")
                     failures.append(f"{label}: {type(error).__name__}: {error}")
                     continue
-                uses_redis = (redis_url and not options.no_redis) or row["workload"] in ("w3", "w5")
+                uses_redis = (redis_url and not options.no_redis) or row["workload"] in ("w3", "w5", "w6")
                 row["channel_layer"] = "redis pub/sub" if uses_redis else "in-memory"
                 runs.setdefault(label, []).append(row)
                 progress.end(summary(row))

@@ -119,12 +119,23 @@ def server_argv(*, app: str, server: str, port: int) -> list[str]:
     raise ValueError(f"unknown server {server!r}")
 
 
-def app_start(*, app: str, server: str, redis_url: str | None, cores: set[int] | None, log_dir: Path) -> ServerProcess:
-    """Start one app on one server on an ephemeral port, pinned to `cores`; ready when /healthz answers."""
+def app_start(
+    *,
+    app: str,
+    server: str,
+    redis_url: str | None,
+    cores: set[int] | None,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start one app on one server on an ephemeral port, pinned to `cores`; ready when /healthz answers.
+
+    `env` adds to (or overrides) the common settings, e.g. W6's namespaces.
+    """
     process = ServerProcess(
         lambda port: pin_prefix(cores) + server_argv(app=app, server=server, port=port),
         name=f"{server}-{app}",
-        env=server_env(redis_url=redis_url, app=app),
+        env={**server_env(redis_url=redis_url, app=app), **(env or {})},
         ready=lambda started: healthy(f"http://{LOOPBACK}:{started.port}"),
         # daphne's own CLI (baseline, stock, rawfanout) runs under the project's logging settings,
         # which silence its "Listening on" line: it gets a port probed free instead of port 0.

@@ -1,7 +1,8 @@
 """The workloads. Each starts its own servers, measures, stops them, and returns one row.
 
 W1 uses the `loadtest` command's own code (bench.loadgen); W2 reuses its connection
-helpers; W3 and W5 use bench.fanclient, a receive-mostly client cheap enough for 80,000 frames/s.
+helpers; W3 and W5 use bench.fanclient, a receive-mostly client cheap enough for 80,000 frames/s;
+W6 is the delivery checker (bench.delivery), on the same client.
 """
 
 import asyncio
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen
+from bench import delivery, loadgen
 from bench.fanclient import FanoutClient, fanout_client_open
 from bench.loadgen import (
     CONNECT_CONCURRENCY,
@@ -28,6 +29,7 @@ from bench.loadgen import (
 )
 from bench.servers import LOOPBACK, TOKEN, TOKEN_SECRET, ServerProcess, app_start, process_cpu_seconds, rss_bytes
 from pingpong import protocol
+from tests.processes import RedisServer
 
 Say = Callable[[str], None]
 Row = dict[str, Any]
@@ -203,21 +205,7 @@ def w2_capacity(
 
 async def api_post(port: int, path: str, payload: dict[str, Any]) -> tuple[int, bytes]:
     """POST `payload` as JSON to `path` with the bench's bearer token; (HTTP status, body)."""
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    body = json.dumps(payload).encode()
-    writer.write(
-        (
-            f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        + body
-    )
-    try:
-        status_line = await asyncio.wait_for(reader.readline(), 30)
-        answer = await asyncio.wait_for(reader.read(), 30)
-    finally:
-        writer.close()
-    return (int(status_line.split()[1]) if status_line else 0), answer.partition(b"\r\n\r\n")[2]
+    return await delivery.api_post(port, path, payload, token=TOKEN, within=30.0)
 
 
 async def broadcast_post(port: int, text: str) -> int:
@@ -645,3 +633,69 @@ def w5_topics(
         for process in started:
             process.stop()
     return {"workload": "w5", "app": "project", "server": server, "nodes": nodes, **row}
+
+
+#: W6 keeps every publication of a run (50/s for 30 s is 1,500): a client away longer than the default
+#: 100 would be told `recovered: false` legitimately, and W6 expects none while Redis keeps its data.
+W6_NAMESPACES = {"public": {"subscribe": "anyone", "publish": "server", "history_size": 10_000, "history_ttl": 600}}
+
+
+#: With --w6-redis-restart: seconds between Redis' kill and its restart.
+W6_REDIS_DOWN_SECONDS = 1.5
+
+
+def w6_delivery(
+    *,
+    server: str = "daphne",
+    clients: int,
+    nodes: int,
+    rate: float,
+    seconds: float,
+    publishers: int,
+    node_kills: int,
+    drain: float,
+    redis_url: str,
+    cores,
+    log_dir: Path,
+    say: Say,
+    redis: RedisServer | None = None,
+    redis_restart_at: float | None = None,
+    seed: int = 6,
+) -> Row:
+    """The delivery checker (bench.delivery): `clients` on one `public:` topic over `nodes` nodes, `rate`
+    publications/s for `seconds` from `publishers` through POST /api/publish, clients dropping (clean,
+    abort) and `node_kills` SIGKILLs of a node, restarted on its port; every client's offsets checked.
+    With `redis` and `redis_restart_at`, Redis is restarted that many seconds in (`recovered: false` expected then)."""
+    started: list[ServerProcess] = []
+    env = {"PINGPONG_NAMESPACES": json.dumps(W6_NAMESPACES)}
+    try:
+        for _ in range(nodes):
+            started.append(
+                app_start(app="project", server=server, redis_url=redis_url, cores=cores, log_dir=log_dir, env=env)
+            )
+        cpu_before = sum(process_cpu_seconds(p.pid) for p in started)
+        began = time.monotonic()
+        row = run_async(
+            delivery.delivery_run(
+                nodes=started,
+                token=TOKEN,
+                clients=clients,
+                rate=rate,
+                seconds=seconds,
+                publishers=publishers,
+                node_kills=node_kills,
+                drain=drain,
+                redis=redis,
+                redis_restart_at=redis_restart_at,
+                redis_down_seconds=W6_REDIS_DOWN_SECONDS,
+                seed=seed,
+                say=say,
+            )
+        )
+        # The nodes' CPU over the run; a killed node's CPU was read just before its kill.
+        spent = sum(process_cpu_seconds(p.pid) for p in started) + row.pop("killed_nodes_cpu_seconds") - cpu_before
+        row["server_cpu_percent"] = round(100 * spent / (time.monotonic() - began), 1)
+    finally:
+        for process in started:
+            process.stop()
+    return {"workload": "w6", "app": "project", "server": server, "nodes": nodes, **row}

@@ -8,7 +8,7 @@ import pytest
 from bench import report
 from bench.run import main
 from bench.servers import cpu_split
-from bench.workloads import W5Deliveries, w1_pingpong, w2_capacity, w3_fanout, w5_topics
+from bench.workloads import W5Deliveries, w1_pingpong, w2_capacity, w3_fanout, w5_topics, w6_delivery
 from tests.processes import scaled
 
 
@@ -82,6 +82,22 @@ def test_w5_delivers_every_publication_exactly_once_to_exactly_its_subscribers(r
     assert {"client_cpu_percent", "client_bound", "server_cpu_percent", "connect_seconds"} <= set(row)
     assert report.w5_delivery_verdict(row).endswith(" met")
     assert "| daphne | 2 | 20/20 | " in report.table([row])
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_w6_checks_every_client_through_drops_and_a_node_kill_and_reports_a_row(redis_server, logs):
+    """W6 at a tiny size: the checker's row (publications, recoveries, violations, drops) and its verdict."""
+    row = w6_delivery(
+        clients=10, nodes=2, rate=10, seconds=4, publishers=4, node_kills=1, drain=scaled(10),
+        redis_url=redis_server.url, cores=None, log_dir=logs, say=quiet,
+    )  # fmt: skip
+    assert (row["workload"], row["server"], row["nodes"]) == ("w6", "daphne", 2)
+    assert (row["sent"], row["accepted"], row["violations"], row["recovered_false"]) == (40, 40, 0, 0)
+    assert row["caught_up"] == 10 and len(row["node_kills"]) == 1
+    assert {"latency_ms", "recovery_ms", "drops", "client_cpu_percent", "server_cpu_percent"} <= set(row)
+    assert report.w6_delivery_verdict(row).endswith(" met")
+    assert "| daphne | 2 | 10/10 | 4 | 40/40 | " in report.table([row])
 
 
 def test_w5_counts_a_repeated_publication_as_a_duplicate_and_another_users_as_misrouted():
