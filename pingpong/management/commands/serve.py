@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pingpong import workers
+from pingpong import serving, workers
 
 logger = logging.getLogger("pingpong.server")
 
@@ -162,6 +162,7 @@ class Command(BaseCommand):
             )
         layer = "redis pub/sub" if settings.REDIS_URL else settings.CHANNEL_LAYERS["default"]["BACKEND"]
         worker = "" if index is None else f", worker {index}"
+        logger.debug("%d startup objects frozen out of the cyclic GC", serving.startup_objects_frozen())
         logger.info("serving on http://%s:%s with %s (channel layer: %s%s)", host, port, server_name, layer, worker)
         if server_name == "uvicorn" and sock is not None:
             server.run(sockets=[sock])
