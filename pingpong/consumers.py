@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -201,14 +202,22 @@ class PingPongConsumer(GuardedWebsocketConsumer):
 
     groups = [protocol.BROADCAST_GROUP]
 
+    # Topic and token state, shared empty until a connection first subscribes (`topics_begin`) or
+    # has a token: most connections never do, and W2 holds 10,000 of them.
+    subscriptions: set[str] = frozenset()  # type: ignore[assignment]
+    # Topics with history: (epoch, offset) of the last publication sent, and joins in progress.
+    positions: dict[str, tuple[str, int]] = MappingProxyType({})  # type: ignore[assignment]
+    joining: dict[str, "JoinBuffer"] = MappingProxyType({})  # type: ignore[assignment]
+    token_timers: list[asyncio.TimerHandle] = ()  # type: ignore[assignment]
+    tasks: set[asyncio.Task[None]] = frozenset()  # type: ignore[assignment]
+
+    def topics_begin(self) -> None:
+        """This connection's own topic state, made on its first subscribe."""
+        if "positions" not in self.__dict__:
+            self.subscriptions, self.positions, self.joining = set(), {}, {}
+
     async def connect(self) -> None:
         self.identity = session_identity(self.scope)
-        self.subscriptions: set[str] = set()
-        # Topics with history: (epoch, offset) of the last publication sent, and joins in progress.
-        self.positions: dict[str, tuple[str, int]] = {}
-        self.joining: dict[str, JoinBuffer] = {}
-        self.token_timers: list[asyncio.TimerHandle] = []
-        self.tasks: set[asyncio.Task[None]] = set()
         token = query_token(self.scope)
         if token is not None:
             try:
@@ -281,6 +290,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             await self.reply(protocol.EVENT_SUBSCRIBED, request, topic=topic, **self.position_fields(topic))
             return
         namespace = await topics.authorize(self.identity, "subscribe", topic)
+        self.topics_begin()
         limit = setting("PINGPONG_MAX_SUBSCRIPTIONS")
         if topic not in self.subscriptions and len(self.subscriptions) >= limit:
             raise TopicRefused(
@@ -454,6 +464,8 @@ class PingPongConsumer(GuardedWebsocketConsumer):
 
     def spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work())
+        if "tasks" not in self.__dict__:
+            self.tasks = set()
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -571,13 +583,12 @@ class PingPongConsumer(GuardedWebsocketConsumer):
     async def finish(self, *, code: int) -> None:
         """Stop the token timers and leave every topic, as well as the base's groups."""
         await super().finish(code=code)
-        for timer in getattr(self, "token_timers", ()):
+        for timer in self.token_timers:
             timer.cancel()
-        for task in list(getattr(self, "tasks", ())):
+        for task in list(self.tasks):
             task.cancel()
-        subscriptions: set[str] = getattr(self, "subscriptions", set()) | set(getattr(self, "joining", ()))
-        self.subscriptions = set()
-        self.joining = {}
+        subscriptions: set[str] = set(self.subscriptions) | set(self.joining)
+        self.subscriptions, self.joining = set(), {}
         for topic in subscriptions:
             await self.leave_topic(topic)
         await topic_presence.leave(subscriptions, client=self.connection_id)
