@@ -94,6 +94,7 @@ async def test_the_published_message_is_in_the_layers_wire_format_with_its_offse
     assert (event["offset"], event["epoch"], event["data"]) == (1, result["epoch"], {"x": [1, "é"]})
 
 
+@pytest.mark.slow
 async def test_publications_from_two_processes_at_once_get_offsets_without_gaps(redis_server, two_nodes, redis_layer):
     node = two_nodes[0]
     ws = await ws_connect(node.ws)
@@ -124,6 +125,7 @@ async def test_publications_from_two_processes_at_once_get_offsets_without_gaps(
     await ws.close()
 
 
+@pytest.mark.slow
 async def test_a_client_recovers_what_it_missed_while_disconnected_on_the_other_node(two_nodes, redis_layer):
     first, second = two_nodes
     ws = await ws_connect(first.ws)
@@ -144,6 +146,7 @@ async def test_a_client_recovers_what_it_missed_while_disconnected_on_the_other_
     await ws.close()
 
 
+@pytest.mark.slow
 async def test_publications_racing_a_recovering_subscribe_arrive_exactly_once_in_order(two_nodes, redis_layer):
     for n in range(10):
         result = await topics.apublish("public:race", n)
@@ -164,6 +167,7 @@ async def test_publications_racing_a_recovering_subscribe_arrive_exactly_once_in
 
 
 @pytest.mark.parametrize("loss", ["restart", "flushall"])
+@pytest.mark.slow
 async def test_when_redis_loses_the_history_the_epoch_changes_and_recovery_says_so(
     loss, redis_server, two_nodes, redis_layer
 ):
@@ -189,6 +193,7 @@ async def test_when_redis_loses_the_history_the_epoch_changes_and_recovery_says_
     await ws.close()
 
 
+@pytest.mark.slow
 async def test_history_trimmed_past_history_size_is_not_recovered(two_nodes, redis_layer):
     for n in range(5):
         result = await topics.apublish("small:x", n)
@@ -203,6 +208,7 @@ async def test_history_trimmed_past_history_size_is_not_recovered(two_nodes, red
     await ws.close()
 
 
+@pytest.mark.slow
 async def test_a_retried_publication_id_gets_its_first_offset_and_is_not_published_again(two_nodes, redis_layer):
     ws = await ws_connect(two_nodes[0].ws)
     await subscribe(ws, "public:orders")
@@ -239,6 +245,7 @@ async def test_concurrent_identical_recoveries_make_one_redis_read(redis_layer):
     assert all(read.recovered and read.first == 3 and len(read.events) == 3 for read in reads)
 
 
+@pytest.mark.slow
 async def test_the_history_api_reads_redis(two_nodes, redis_layer):
     for n in range(4):
         await topics.apublish("public:api", n)
@@ -263,6 +270,7 @@ async def test_a_script_redis_no_longer_has_is_sent_again_in_full(redis_server, 
     assert (second["offset"], second["epoch"]) == (2, first["epoch"])
 
 
+@pytest.mark.slow
 async def test_a_publication_while_redis_is_down_fails_and_its_retry_lands_in_a_new_epoch(
     redis_server, two_nodes, redis_layer
 ):
@@ -278,6 +286,7 @@ async def test_a_publication_while_redis_is_down_fails_and_its_retry_lands_in_a_
     assert retried["epoch"] != before["epoch"] and retried["offset"] == 1
 
 
+@pytest.mark.slow
 async def test_many_clients_recovering_at_once_during_publications_each_get_the_exact_sequence(two_nodes, redis_layer):
     """Merged reads are shared only by subscriptions live before the read: no client is left with a gap."""
     for n in range(10):

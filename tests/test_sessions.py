@@ -117,7 +117,10 @@ async def subscribe(node: DaphneNode, topic: str, *, session: str | None) -> dic
         return await answer(ws, {"type": protocol.REQUEST_SUBSCRIBE, "topic": topic, "id": 1})
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+# PostgreSQL's own cluster takes seconds to start: its half runs in `make test`, not `make test-fast`.
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.slow])]
+)
 def database(request) -> Iterator[str]:
     """A migrated database: the test nodes' shared SQLite, or a fresh PostgreSQL owned by the module."""
     if request.param == "sqlite":
