@@ -20,6 +20,7 @@ from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 from django.conf import settings
 
 from pingpong import layer_calls, metrics, protocol
+from pingpong.conf import setting
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.layers import PUBLISH_PROGRESS, PingpongPubSubChannelLayer, PublishProgress
 from pingpong.local_layer import LocalChannelLayer
@@ -106,7 +107,7 @@ async def send(*, text: str, broadcast_id: str | None = None) -> dict[str, Any]:
 
 
 async def send_message(group: str, message: dict[str, Any]) -> None:
-    """group_send one attempt of a retry-safe message (its "id" and "attempt" set), within the layer deadline.
+    """group_send one attempt of a retry-safe message (its "id" and "attempt" set), within the publish deadline.
 
     Raises ChannelLayerUnavailable when nothing was sent, and BroadcastOutcomeUnknown when
     the PUBLISH was written but not confirmed.
@@ -116,7 +117,7 @@ async def send_message(group: str, message: dict[str, Any]) -> None:
 
 
 async def send_call(awaitable: Awaitable[T], *, layer: BaseChannelLayer, operation: str) -> T:
-    """Await one publishing call on `layer` within the layer deadline, telling "not sent" from "unknown".
+    """Await one publishing call on `layer` within PINGPONG_PUBLISH_TIMEOUT, telling "not sent" from "unknown".
 
     Raises ChannelLayerUnavailable when nothing was sent, and BroadcastOutcomeUnknown when
     the command was written but not confirmed.
@@ -124,7 +125,7 @@ async def send_call(awaitable: Awaitable[T], *, layer: BaseChannelLayer, operati
     progress = PublishProgress()
     reset = PUBLISH_PROGRESS.set(progress)
     try:
-        return await layer_calls.call(awaitable, operation=operation)
+        return await layer_calls.call(awaitable, operation=operation, timeout=setting("PINGPONG_PUBLISH_TIMEOUT"))
     except ChannelLayerUnavailable as error:
         if progress.written or not isinstance(layer, _LAYERS_THAT_KNOW_NOTHING_WAS_SENT):
             raise BroadcastOutcomeUnknown(str(error)) from error

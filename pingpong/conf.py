@@ -19,6 +19,9 @@ DEFAULTS: Final[dict[str, Any]] = {
     # Four of the largest client messages, 16 of the largest broadcasts ("Memory budget", README).
     "PINGPONG_MAX_PENDING_BYTES": 256 * 1024,
     "PINGPONG_LAYER_TIMEOUT": 2.0,
+    # A publish (broadcast, publication) waits longer than a connect: its caller is a server with its
+    # own timeout, and under a fan-out that saturates the node the confirmation queues behind the frames.
+    "PINGPONG_PUBLISH_TIMEOUT": 5.0,
     "PINGPONG_MAX_BROADCAST_BYTES": 16 * 1024,
     # Connection tokens (pingpong.tokens): unset, no token is issued or accepted.
     "PINGPONG_TOKEN_SECRET": "",

@@ -120,6 +120,7 @@ REDIS_URL = env_str("REDIS_URL")
 PINGPONG_REDIS_PREFIX = env_str("PINGPONG_REDIS_PREFIX", "pingpong")  # channels and presence keys
 PINGPONG_NODE_ID = env_str("PINGPONG_NODE_ID")  # empty: <hostname>-<pid>
 PINGPONG_LAYER_TIMEOUT = env_float("PINGPONG_LAYER_TIMEOUT", DEFAULTS["PINGPONG_LAYER_TIMEOUT"], minimum=0.1)
+PINGPONG_PUBLISH_TIMEOUT = env_float("PINGPONG_PUBLISH_TIMEOUT", DEFAULTS["PINGPONG_PUBLISH_TIMEOUT"], minimum=0.1)
 # Every Redis connection of a node counts here: the layer's subscriber, its publishers and
 # presence's one. Ten is plenty (a PUBLISH holds a connection for well under a millisecond, and
 # one process cannot keep more busy) and lets two nodes share a 20-client Redis plan.

@@ -162,7 +162,7 @@ def node_ready(node: DaphneNode) -> bool:
 @pytest.mark.slow
 async def test_a_broadcast_cut_off_by_a_redis_pause_is_504_and_its_retry_arrives_once(redis_server, daphne_nodes):
     """Unknown outcome: 504 outcome_unknown; after Redis wakes a retry with the id is 202; each client gets it once."""
-    node = daphne_nodes(redis_env(redis_server, PINGPONG_LAYER_TIMEOUT="0.5"))
+    node = daphne_nodes(redis_env(redis_server, PINGPONG_LAYER_TIMEOUT="0.5", PINGPONG_PUBLISH_TIMEOUT="0.5"))
     clients = [await ws_connect(node.ws) for _ in range(3)]
     for ws in clients:
         assert await ping_pong(ws) == "pong!"
@@ -242,7 +242,10 @@ async def test_a_retry_of_a_broadcast_that_did_arrive_is_dropped_by_every_node(r
     proxy = ReplyHoldingProxy(redis_server.port)
     await proxy.start()
     try:
-        sender_env = {**redis_env(redis_server, PINGPONG_LAYER_TIMEOUT="0.5"), "REDIS_URL": proxy.url}
+        sender_env = {
+            **redis_env(redis_server, PINGPONG_LAYER_TIMEOUT="0.5", PINGPONG_PUBLISH_TIMEOUT="0.5"),
+            "REDIS_URL": proxy.url,
+        }
         sender = await asyncio.to_thread(daphne_nodes, sender_env)
         other = await asyncio.to_thread(daphne_nodes, redis_env(redis_server))
         clients = [await ws_connect(node.ws) for node in (sender, other) for _ in range(2)]
@@ -304,7 +307,11 @@ def test_the_command_says_retry_with_the_same_id_when_the_outcome_is_unknown(red
     # WRITE pauses PUBLISH but lets the command's new connection say hello.
     pause_redis(redis_server, milliseconds=3000, mode="WRITE")
     result = manage(
-        "broadcast", "maybe", "--id", "cmd-unknown", env=redis_env(redis_server, PINGPONG_LAYER_TIMEOUT="0.5")
+        "broadcast",
+        "maybe",
+        "--id",
+        "cmd-unknown",
+        env=redis_env(redis_server, PINGPONG_LAYER_TIMEOUT="0.5", PINGPONG_PUBLISH_TIMEOUT="0.5"),
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].endswith("retry with --id cmd-unknown")
