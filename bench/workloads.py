@@ -11,7 +11,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,27 @@ def w1_pingpong(
     }
 
 
+async def reporting(what: Callable[[], str], say: Callable[[str], None]) -> None:
+    """Say `what()` every 0.25 s until cancelled: a workload's progress line."""
+    while True:
+        say(what())
+        await asyncio.sleep(0.25)
+
+
+async def all_connected(
+    one: Callable[[int], Awaitable[None]], *, clients: int, opened: Sized, say: Callable[[str], None]
+) -> float:
+    """Run `one(index)` for every client at once, saying how many are open every 0.25 s; the seconds it took."""
+    loop = asyncio.get_running_loop()
+    reporter = asyncio.ensure_future(reporting(lambda: f"connecting {len(opened):,}/{clients:,}", say))
+    started = loop.time()
+    try:
+        await asyncio.gather(*(one(index) for index in range(clients)))
+    finally:
+        reporter.cancel()
+    return loop.time() - started
+
+
 async def _w2_client(process: ServerProcess, connections: int, say: Say) -> Row:
     url, allowed = ws_url(process), origin(process)
     await loadgen.probe(url, origin=allowed)  # warm up: imports, first handshake
@@ -135,12 +156,9 @@ async def _w2_client(process: ServerProcess, connections: int, say: Say) -> Row:
     opened_count = [0]
     failures: Counter[str] = Counter()
 
-    async def report() -> None:
-        while True:
-            say(f"connecting {opened_count[0]:,}/{connections:,} failed {sum(failures.values())}")
-            await asyncio.sleep(0.25)
-
-    reporter = asyncio.ensure_future(report())
+    reporter = asyncio.ensure_future(
+        reporting(lambda: f"connecting {opened_count[0]:,}/{connections:,} failed {sum(failures.values())}", say)
+    )
     started = loop.time()
     cpu_started = cpu_seconds()
     try:
@@ -232,18 +250,7 @@ async def _w3_client(
                 return
         opened.append(client)
 
-    async def report(what: Callable[[], str]) -> None:
-        while True:
-            say(what())
-            await asyncio.sleep(0.25)
-
-    reporter = asyncio.ensure_future(report(lambda: f"connecting {len(opened):,}/{clients:,}"))
-    started = loop.time()
-    try:
-        await asyncio.gather(*(one(index) for index in range(clients)))
-    finally:
-        reporter.cancel()
-    connect_seconds = loop.time() - started
+    connect_seconds = await all_connected(one, clients=clients, opened=opened, say=say)
     await asyncio.sleep(1.0)
 
     count = int(rate * seconds)
@@ -255,7 +262,7 @@ async def _w3_client(
         return sum(len(client.frames) for client in opened)
 
     reporter = asyncio.ensure_future(
-        report(lambda: f"broadcasting {len(statuses)}/{count} delivered {received():,}/{len(opened) * count:,}")
+        reporting(lambda: f"broadcasting {len(statuses)}/{count} delivered {received():,}/{len(opened) * count:,}", say)
     )
     try:
 
@@ -447,18 +454,7 @@ async def _w5_client(
         for topic in (user_topic(user), W5_PUBLIC_TOPIC):
             subscribe(user, topic)
 
-    async def report(what: Callable[[], str]) -> None:
-        while True:
-            say(what())
-            await asyncio.sleep(0.25)
-
-    reporter = asyncio.ensure_future(report(lambda: f"connecting {len(opened):,}/{clients:,}"))
-    started = loop.time()
-    try:
-        await asyncio.gather(*(one(user) for user in range(clients)))
-    finally:
-        reporter.cancel()
-    connect_seconds = loop.time() - started
+    connect_seconds = await all_connected(one, clients=clients, opened=opened, say=say)
 
     deliveries = W5Deliveries(opened)
     refused: dict[int, str] = {}
@@ -528,7 +524,7 @@ async def _w5_client(
         return len(accepted) - accepted_public[0] + accepted_public[0] * len(subscribed)
 
     reporter = asyncio.ensure_future(
-        report(lambda: f"publishing {sum(statuses.values())}/{len(plan)} accepted {len(accepted)}")
+        reporting(lambda: f"publishing {sum(statuses.values())}/{len(plan)} accepted {len(accepted)}", say)
     )
     try:
         await asyncio.gather(*(publish(position) for position in range(len(plan))))
