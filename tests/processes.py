@@ -448,6 +448,16 @@ def api_broadcast(node: DaphneNode, text: str, *, token: str | None = None, auth
     return status
 
 
+def api_publish(node: DaphneNode, topic: str, data: object, *, token: str, publication_id: str | None = None) -> int:
+    """POST /api/publish {"topic", "data", "id"} to `node` with a bearer `token`; the status."""
+    request = {"topic": topic, "data": data} | ({} if publication_id is None else {"id": publication_id})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    status, _ = http_request(
+        f"{node.http}/api/publish", method="POST", body=json.dumps(request).encode(), headers=headers
+    )
+    return status
+
+
 def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run a management command in a fresh process."""
     return subprocess.run(

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from django.conf import settings
 
-from tests.processes import ROOT, SERVERS, DaphneNode, RedisServer, api_broadcast, http_request, manage, node_env
+from tests import processes
+from tests.processes import ROOT, SERVERS, DaphneNode, RedisServer, api_broadcast, manage, node_env
 
 # Every test runs against `manage.py serve --server daphne` and `--server uvicorn`; one browser serves both.
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.parametrize("server", SERVERS, scope="module")]
@@ -302,11 +303,8 @@ def test_pingpong_js_refreshes_an_expiring_token_and_is_not_closed_at_its_exp(pa
 
 
 def api_publish(node: DaphneNode, topic: str, data: object) -> None:
-    """POST /api/publish to `node` (NODE_ENV's token is the API token under its old name)."""
-    body = json.dumps({"topic": topic, "data": data}).encode()
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
-    status, answer = http_request(f"{node.http}/api/publish", method="POST", body=body, headers=headers)
-    assert status == 202, answer
+    """POST /api/publish to `node` (NODE_ENV's token is the API token under its old name); it must be accepted."""
+    assert processes.api_publish(node, topic, data, token=TOKEN) == 202
 
 
 def listed_publications(page, topic: str) -> list[str]:

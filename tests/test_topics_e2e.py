@@ -21,7 +21,8 @@ import pytest
 import redis
 
 from pingpong import protocol, tokens
-from tests.authorize_hook import REFUSED_TOPIC
+from tests import processes
+from tests.authorize_hooks import REFUSED_TOPIC
 from tests.processes import (
     ROOT,
     SERVERS,
@@ -75,7 +76,7 @@ def cluster(module_daphne_nodes, module_redis) -> Cluster:
         "REDIS_URL": module_redis.url,
         "PINGPONG_TOKEN_SECRET": SECRET,
         "PINGPONG_API_TOKEN": API_TOKEN,
-        "PINGPONG_AUTHORIZE": "tests.authorize_hook.refuse_the_vault",
+        "PINGPONG_AUTHORIZE": "tests.authorize_hooks.refuse_secret",
         "PINGPONG_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS),
     }
     first = module_daphne_nodes(env)
@@ -96,10 +97,7 @@ def issue(settings):
 
 def api_publish(node: DaphneNode, topic: str, data: Any, *, publication_id: str) -> int:
     """POST /api/publish to `node`; the status."""
-    body = json.dumps({"topic": topic, "data": data, "id": publication_id}).encode()
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_TOKEN}"}
-    status, _ = http_request(f"{node.http}/api/publish", method="POST", body=body, headers=headers)
-    return status
+    return processes.api_publish(node, topic, data, token=API_TOKEN, publication_id=publication_id)
 
 
 async def connect(node: DaphneNode, token: str | None = None):
