@@ -473,3 +473,44 @@ async def test_subscribing_again_with_since_recovers_on_the_same_connection():
     assert [event["offset"] for event in await publications(ws, 1)] == [4]
     await nothing_more(ws)
     await ws.disconnect()
+
+
+# The join buffer's bound
+
+
+def test_the_join_buffer_keeps_at_most_its_bound_and_says_it_overflowed():
+    from pingpong.consumers import JoinBuffer
+
+    buffer = JoinBuffer()
+    for index in range(protocol.JOIN_BUFFER_MAX + 5):
+        buffer.add({"offset": index})
+    assert len(buffer.messages) == protocol.JOIN_BUFFER_MAX
+    assert buffer.overflowed
+
+
+async def test_a_subscribe_whose_join_buffer_overflows_is_answered_unavailable_and_the_connection_stays(monkeypatch):
+    """More live publications than the buffer holds arrive while the history is read: the subscribe fails whole."""
+    monkeypatch.setattr(protocol, "JOIN_BUFFER_MAX", 3)
+    reading, release = asyncio.Event(), asyncio.Event()
+    real_read = history.read
+
+    async def slow_read(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        await release.wait()
+        return await real_read(*args, **kwargs)
+
+    monkeypatch.setattr(history, "read", slow_read)
+    ws = await connected()
+    await ws.send_to(text_data=json.dumps({"type": "subscribe", "topic": "public:flood", "id": 1}))
+    await asyncio.wait_for(reading.wait(), scaled(2))
+    for index in range(protocol.JOIN_BUFFER_MAX + 1):  # live, while the join waits for the history
+        await topics.apublish("public:flood", index)
+    await asyncio.sleep(0.05)  # the layer task buffers them
+    release.set()
+    refused = await receive_event(ws)
+    assert (refused["type"], refused["error"], refused["id"]) == ("error", protocol.ERROR_UNAVAILABLE, 1)
+    await ws.send_to(text_data="ping")
+    assert await ws.receive_from() == "pong!"
+    await topics.apublish("public:flood", "after")
+    await nothing_more(ws)  # not subscribed: the failed join left the group
+    await ws.disconnect()
