@@ -3,12 +3,12 @@
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pingpong import broadcast
-from pingpong.broadcast import BroadcastInvalid, BroadcastOutcomeUnknown
+from pingpong.broadcast import BroadcastInvalid
 from pingpong.layer_calls import ChannelLayerUnavailable
+from pingpong.management import sending
 
 
 class Command(BaseCommand):
@@ -32,12 +32,7 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from error
         try:
             event = async_to_sync(broadcast.send)(text=wanted.text, broadcast_id=wanted.id)
-        except BroadcastOutcomeUnknown as error:
-            raise CommandError(
-                f"broadcast {wanted.id} may or may not have been sent ({error}); retry with --id {wanted.id}"
-            ) from error
         except ChannelLayerUnavailable as error:
-            raise CommandError(f"the channel layer is unreachable ({error}); nothing was sent") from error
-        if not settings.REDIS_URL:
-            self.stderr.write("note: REDIS_URL is not set, so this reached no other process.")
+            raise sending.send_failure(error, what="broadcast", sent_id=wanted.id) from error
+        sending.note_when_local(self)
         self.stdout.write(f"broadcast {event['id']} sent")

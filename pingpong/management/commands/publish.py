@@ -3,12 +3,11 @@
 import json
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pingpong import publishing
-from pingpong.broadcast import BroadcastOutcomeUnknown
 from pingpong.layer_calls import ChannelLayerUnavailable
+from pingpong.management import sending
 from pingpong.topics import TopicRefused
 
 
@@ -34,14 +33,9 @@ class Command(BaseCommand):
             sent = publishing.publish(wanted.topic, wanted.data, id=wanted.id)
         except TopicRefused as error:
             raise CommandError(f"{error} ({error.error})") from error
-        except BroadcastOutcomeUnknown as error:
-            raise CommandError(
-                f"publication {wanted.id} may or may not have been sent ({error}); retry with --id {wanted.id}"
-            ) from error
         except ChannelLayerUnavailable as error:
-            raise CommandError(f"the channel layer is unreachable ({error}); nothing was sent") from error
-        if not settings.REDIS_URL:
-            self.stderr.write("note: REDIS_URL is not set, so this reached no other process.")
+            raise sending.send_failure(error, what="publication", sent_id=wanted.id) from error
+        sending.note_when_local(self)
         self.stdout.write(f"publication {sent['id']} sent to {sent['topic']}")
 
 
