@@ -514,3 +514,41 @@ async def test_a_subscribe_whose_join_buffer_overflows_is_answered_unavailable_a
     await topics.apublish("public:flood", "after")
     await nothing_more(ws)  # not subscribed: the failed join left the group
     await ws.disconnect()
+
+
+async def test_a_join_that_cannot_catch_up_with_live_publications_is_closed_4100(monkeypatch):
+    """Publications keep coming faster than the buffered ones are sent: slow_consumer, close 4100, never a gap."""
+    from pingpong.consumers import PingPongConsumer
+
+    monkeypatch.setattr(protocol, "JOIN_BUFFER_MAX", 3)
+    reading, release = asyncio.Event(), asyncio.Event()
+    real_read, real_deliver = history.read, PingPongConsumer.deliver_publication
+    flooded = []
+
+    async def slow_read(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        await release.wait()
+        return await real_read(*args, **kwargs)
+
+    async def deliver_then_flood(self: PingPongConsumer, topic: str, message: dict[str, Any]) -> None:
+        if not flooded:  # while the first buffered one is sent, more than the buffer holds arrive
+            flooded.append(True)
+            for index in range(protocol.JOIN_BUFFER_MAX + 2):
+                await topics.apublish("public:catchup", f"late {index}")
+            await asyncio.sleep(0.05)  # the layer task buffers them
+        await real_deliver(self, topic, message)
+
+    monkeypatch.setattr(history, "read", slow_read)
+    monkeypatch.setattr(PingPongConsumer, "deliver_publication", deliver_then_flood)
+    ws = await connected()
+    await ws.send_to(text_data=json.dumps({"type": "subscribe", "topic": "public:catchup"}))
+    await asyncio.wait_for(reading.wait(), scaled(2))
+    await topics.apublish("public:catchup", "early")
+    await asyncio.sleep(0.05)
+    release.set()
+    assert (await receive_event(ws))["type"] == protocol.EVENT_SUBSCRIBED
+    events = []
+    while (event := await receive_event(ws))["type"] == protocol.EVENT_PUBLICATION:
+        events.append(event)
+    assert [event["offset"] for event in events] == list(range(1, len(events) + 1))  # in order, no gap
+    assert (event["error"], (await ws.receive_output())["code"]) == (protocol.ERROR_SLOW_CONSUMER, 4100)
