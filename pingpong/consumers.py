@@ -155,8 +155,11 @@ class GuardedWebsocketConsumer(LeanWebsocketConsumer):
 
     async def group_leave(self, group: str) -> None:
         """Leave a group this connection joined, within the layer deadline."""
-        if group not in self.joined:
-            return
+        if group in self.joined:
+            await self._group_discard(group)
+
+    async def _group_discard(self, group: str) -> None:
+        """group_discard within the layer deadline, a failure logged; private, so no layer message type can name it."""
         assert self.channel_layer is not None
         try:
             await layer_calls.call(
@@ -571,14 +574,7 @@ class PingPongConsumer(GuardedWebsocketConsumer):
             await self.send(text_data=message["event"])
 
     async def leave_topic(self, topic: str) -> None:
-        assert self.channel_layer is not None
-        try:
-            await layer_calls.call(
-                self.channel_layer.group_discard(topics.group_for(topic), self.channel_name),
-                operation="group_discard",
-            )
-        except ChannelLayerUnavailable as error:
-            logger.warning("group_discard failed: %s", error)
+        await self._group_discard(topics.group_for(topic))
 
     async def finish(self, *, code: int) -> None:
         """Stop the token timers and leave every topic, as well as the base's groups."""
