@@ -124,39 +124,12 @@ class PingpongShard(RedisSingleShardConnection):
         self._outbox: list[_Outgoing] = []
         self._sender: asyncio.Task[None] | None = None
         self._patterns: set[str] = set()
-        self._pongs: dict[str, asyncio.Future[None]] = {}  # PING nonce -> its waiter
 
     def _ensure_redis(self) -> None:
         if self._redis is None:
             client = aioredis.Redis(connection_pool=pool_create(self.host, **self._bounds))
             # The subscriber takes its connection from the same pool and keeps it: it counts in the cap.
             self._redis, self._pubsub = client, client.pubsub()
-
-    def _receive_message(self, message: dict[str, Any] | None) -> None:
-        if message is not None and message.get("type") == "pong":
-            data = message.get("data")
-            waiter = self._pongs.pop(data.decode() if isinstance(data, bytes) else str(data), None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            return
-        super()._receive_message(message)
-
-    async def confirmed(self) -> None:
-        """Return once Redis has run every command written on the subscriber connection so far.
-
-        redis-py does not wait for a SUBSCRIBE's answer; a PING on the same connection is answered
-        after it, in order. Then a history read (on another connection) cannot slip in before the
-        subscription and miss a publication made between them.
-        """
-        nonce = uuid.uuid4().hex
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pongs[nonce] = waiter
-        try:
-            assert self._pubsub is not None
-            await self._pubsub.ping(nonce)
-            await waiter
-        finally:
-            self._pongs.pop(nonce, None)
 
     async def psubscribe(self, pattern: str) -> None:
         """Subscribe a pattern, under the shard lock like the base `subscribe`; redis-py renews it on reconnect.
@@ -390,9 +363,6 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         # the group; then the base group_add (behind that lock) subscribes again.
         if channel not in self.channels or group_channel in self._unsubscribing:
             await super().group_add(group, channel)
-            shard = self._get_shard(group_channel)
-            if isinstance(shard, PingpongShard) and shard._pubsub is not None:
-                await shard.confirmed()
             return
         self.groups.setdefault(group_channel, set()).add(channel)
         if group_channel not in self._get_shard(group_channel)._subscribed_to:
@@ -449,8 +419,6 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
                 shard._ensure_receiver()
                 await shard._pubsub.subscribe(*wanted)
                 shard._subscribed_to.update(wanted)
-        if wanted and isinstance(shard, PingpongShard):
-            await shard.confirmed()
 
     def _group_forget(self, group_channel: str, subscription: "asyncio.Future[None]") -> None:
         if self._group_subscriptions.get(group_channel) is subscription:
