@@ -41,7 +41,7 @@ test-fast: $(DEV)
 lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy pingpong project bench/loadgen.py
+	$(BIN)/mypy pingpong project bench/loadgen.py bench/picows_loops.py
 
 format: $(DEV)
 	$(BIN)/ruff format .

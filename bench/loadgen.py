@@ -126,6 +126,7 @@ class Result:
     source_addresses: int = 1
     cut_short: str | None = None
     failures: dict[str, int] = field(default_factory=dict)
+    client: str = "websockets"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -417,6 +418,25 @@ async def connections_close(connections: Sequence[ClientConnection], *, within: 
     await asyncio.gather(*closing, return_exceptions=True)
 
 
+#: The client libraries a run can use: `websockets` (the default, pure Python) or `picows` (Cython, bench/picows_loops.py).
+CLIENTS = ("websockets", "picows")
+
+
+def client_kit(client: str) -> Any:
+    """The module whose `Loops`, `connections_open` and `connections_close` drive `client`'s connections."""
+    if client == "websockets":
+        import sys
+
+        return sys.modules[__name__]
+    if client == "picows":
+        try:
+            from bench import picows_loops
+        except ImportError:
+            raise LoadgenError("--client picows needs picows: pip install -e '.[load]'.") from None
+        return picows_loops
+    raise LoadgenError(f"--client must be one of {', '.join(CLIENTS)}, not {client!r}.")
+
+
 class Loops:
     """The closed loops of one process: counters the loops update and the progress reads."""
 
@@ -432,9 +452,17 @@ class Loops:
         self.stopped = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def opened(self) -> int:
+        return len(self.tasks)
+
     def start(self, ws: ClientConnection) -> None:
         """Start the loop on a connection that just opened; the task is kept, to await or cancel."""
         self.tasks.append(asyncio.ensure_future(self.loop(ws)))
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
 
     async def loop(self, ws: ClientConnection) -> None:
         """Closed loop on one connection until told to stop or the server closes it."""
@@ -521,6 +549,7 @@ class PartPlan:
     rate: float
     sources: list[str | None]
     total_connections: int
+    client: str = "websockets"
 
 
 #: Awaited with True just before the window opens (it may wait for the other processes) and False after it closes.
@@ -537,7 +566,8 @@ async def progress_every(seconds: float, snapshot: Callable[[], Progress], progr
 async def run_part(plan: PartPlan, *, edge: WindowEdge, progress: ProgressCallback | None = None) -> Part:
     """This process's share of a run: open its connections and start their loops, warm up, measure, close."""
     loop = asyncio.get_running_loop()
-    loops = Loops(rate=plan.rate)
+    kit = client_kit(plan.client)
+    loops = kit.Loops(rate=plan.rate)
     failures: Counter[str] = Counter()
     phase = Progress("connecting", 0.0, plan.ramp_up, 0, 0, plan.connections, 0)
     since = loop.time()
@@ -549,15 +579,15 @@ async def run_part(plan: PartPlan, *, edge: WindowEdge, progress: ProgressCallba
     def snapshot() -> Progress:
         elapsed = min(loop.time() - since, phase.duration)
         return Progress(
-            phase.phase, elapsed, phase.duration, len(loops.tasks), sum(failures.values()), plan.connections,
+            phase.phase, elapsed, phase.duration, loops.opened, sum(failures.values()), plan.connections,
             loops.messages,
         )  # fmt: skip
 
     reporter = asyncio.ensure_future(progress_every(0.25, snapshot, progress)) if progress else None
-    opened: list[ClientConnection] = []
+    opened: list[Any] = []
     try:
         started = loop.time()
-        opened, _ = await connections_open(
+        opened, _ = await kit.connections_open(
             plan.url, count=plan.connections, origin=plan.origin, ramp_up=plan.ramp_up, counters=failures,
             opened_callback=loops.start, sources=plan.sources, first_index=plan.first_index,
         )  # fmt: skip
@@ -572,12 +602,11 @@ async def run_part(plan: PartPlan, *, edge: WindowEdge, progress: ProgressCallba
         if progress:
             progress(snapshot())
         await loops.finish()
-        await connections_close(opened)
+        await kit.connections_close(opened)
     finally:
         if reporter is not None:
             reporter.cancel()
-        for task in loops.tasks:
-            task.cancel()
+        loops.cancel()
     if loops.wrong is not None:
         raise wrong_answer(loops.wrong)
     return Part(
@@ -598,11 +627,13 @@ def plans_for(
     rate: float,
     processes: int | str,
     source_addresses: int,
+    client: str = "websockets",
 ) -> list[PartPlan]:
     """Check the options and split the connections over the processes; LoadgenError for a bad option."""
     check_url(url)
     if connections < 1 or duration <= 0 or ramp_up < 0 or warmup < 0 or rate < 0:
         raise LoadgenError("connections must be >= 1, duration > 0, and ramp-up, warm-up and rate >= 0.")
+    client_kit(client)
     sources = source_addresses_for(url, source_addresses)
     count = processes_for(processes, connections=connections)
     share, extra = divmod(connections, count)
@@ -613,6 +644,7 @@ def plans_for(
             PartPlan(
                 url=url, origin=origin or origin_for(url), connections=mine, first_index=first, duration=duration,
                 ramp_up=ramp_up, warmup=warmup, rate=rate, sources=sources, total_connections=connections,
+                client=client,
             )
         )  # fmt: skip
         first += mine
@@ -674,6 +706,7 @@ def run(
     rate: float = 0.0,
     processes: int | str = 1,
     source_addresses: int = 1,
+    client: str = "websockets",
     progress: ProgressCallback | None = None,
     window: WindowCallback | None = None,
     probe_first: bool = True,
@@ -688,7 +721,7 @@ def run(
     """
     plans = plans_for(
         url, connections=connections, duration=duration, ramp_up=ramp_up, warmup=warmup, origin=origin,
-        rate=rate, processes=processes, source_addresses=source_addresses,
+        rate=rate, processes=processes, source_addresses=source_addresses, client=client,
     )  # fmt: skip
 
     async def edge(opening: bool) -> None:
@@ -703,7 +736,9 @@ def run(
             parts = [runner.run(run_part(plans[0], edge=edge, progress=progress))]
     if len(plans) > 1:
         parts = run_processes(plans, progress=progress, window=window)
-    return merge(parts, url=url, connections=connections, source_addresses=source_addresses)
+    result = merge(parts, url=url, connections=connections, source_addresses=source_addresses)
+    result.client = client
+    return result
 
 
 PHASES = ("connecting", "warming up", "running")

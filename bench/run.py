@@ -42,6 +42,9 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--source-addresses", type=int, default=1, help="W1 client source addresses 127.0.0.1 ... 127.0.0.N"
     )
+    parser.add_argument(
+        "--client", default="picows", choices=("picows", "websockets"), help="W1 client library (default picows)"
+    )
     parser.add_argument("--w2-connections", type=int, default=10_000)
     parser.add_argument("--w2-servers", default="daphne", help="servers for W2 (default daphne)")
     parser.add_argument("--w3-clients", type=int, default=4_000)
@@ -158,6 +161,7 @@ def steps_plan(
                                 app=a, server=s, connections=c, duration=options.duration, warmup=options.warmup,
                                 redis_url=w1_redis, cores=cores, log_dir=logs, say=say,
                                 processes=options.processes, source_addresses=options.source_addresses,
+                                client=options.client,
                             ),
                         )
                     )  # fmt: skip

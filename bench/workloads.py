@@ -66,10 +66,12 @@ def w1_pingpong(
     warmup: float = 2.0,
     processes: int | str = 1,
     source_addresses: int = 1,
+    client: str = "picows",
 ) -> Row:
     """Closed-loop ping/pong: throughput and RTT percentiles, with client and server CPU.
 
-    The client is `bench.loadgen.run`, spread over `processes` and `source_addresses`.
+    The client is `bench.loadgen.run` on `client` (picows by default: the websockets client
+    saturates its core before uvicorn does), spread over `processes` and `source_addresses`.
     """
     process = app_start(app=app, server=server, redis_url=redis_url, cores=cores, log_dir=log_dir)
     try:
@@ -94,6 +96,7 @@ def w1_pingpong(
             warmup=warmup,
             processes=processes,
             source_addresses=source_addresses,
+            client=client,
         )
         server_seconds = server_cpu[False] - server_cpu[True]
     finally:
@@ -116,6 +119,7 @@ def w1_pingpong(
         "client_cpu_percent": result.client_cpu_percent,
         "client_cpu_machine_percent": result.client_cpu_machine_percent,
         "client_processes": result.processes,
+        "client": result.client,
         "client_bound": result.client_bound,
         "cut_short": result.cut_short,
         # Server CPU over the measurement window: the cost of the app's structure per message,

@@ -30,10 +30,12 @@ def loadtest(*args: str):
 
 
 @pytest.mark.slow
-def test_json_result_counts_every_connection_and_the_messages(node):
-    run = loadtest(node.ws, "--connections", "2", "--duration", "1", "--json")
+@pytest.mark.parametrize("client", loadgen.CLIENTS)
+def test_json_result_counts_every_connection_and_the_messages(node, client):
+    run = loadtest(node.ws, "--connections", "2", "--duration", "1", "--client", client, "--json")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
+    assert result["client"] == client
     assert (result["opened"], result["failed"], result["connections"]) == (2, 0, 2)
     assert result["messages"] > 0
     assert set(result["rtt_ms"]) == {"p50", "p90", "p99", "max"}
@@ -49,9 +51,10 @@ def test_text_result_names_connections_rate_percentiles_and_close_codes(node):
 
 
 @pytest.mark.slow
-def test_a_run_cut_short_by_the_rate_limit_is_marked_in_the_json_and_exits_1(daphne_nodes):
+@pytest.mark.parametrize("client", loadgen.CLIENTS)
+def test_a_run_cut_short_by_the_rate_limit_is_marked_in_the_json_and_exits_1(daphne_nodes, client):
     limited = daphne_nodes(env={"PINGPONG_RATE_PER_SECOND": "1", "PINGPONG_RATE_BURST": "2"})
-    run = loadtest(limited.ws, "--connections", "2", "--duration", "1", "--json")
+    run = loadtest(limited.ws, "--connections", "2", "--duration", "1", "--client", client, "--json")
     assert run.returncode == 1
     result = json.loads(run.stdout)
     assert result["close_codes"] == {"4008": 2}
@@ -80,11 +83,12 @@ def test_the_default_rate_runs_to_the_end_against_a_default_node(daphne_nodes):
 
 
 @pytest.mark.slow
-def test_two_processes_from_two_source_addresses_add_up_to_one_result(daphne_nodes):
+@pytest.mark.parametrize("client", loadgen.CLIENTS)
+def test_two_processes_from_two_source_addresses_add_up_to_one_result(daphne_nodes, client):
     fresh = daphne_nodes(env=UNLIMITED)
     run = loadtest(
         fresh.ws, "--connections", "4", "--duration", "1", "--rate", "0", "--processes", "2",
-        "--source-addresses", "2", "--json",
+        "--source-addresses", "2", "--client", client, "--json",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
@@ -141,6 +145,21 @@ def test_a_server_that_answers_something_else_is_one_line_error(node):
     assert run.returncode != 0
     assert "instead of 'pong!'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("client", loadgen.CLIENTS)
+def test_a_wrong_answer_under_load_ends_the_run_with_one_line_error(node, client):
+    echo = node.ws.replace("/ws/", "/ws/echo/")
+    with pytest.raises(LoadgenError, match="instead of 'pong!'"):
+        loadgen.run(echo, connections=2, duration=1, rate=0, client=client, probe_first=False)
+
+
+def test_an_unknown_client_is_one_line_error():
+    with pytest.raises(LoadgenError, match="--client must be one of websockets, picows"):
+        loadgen.plans_for(
+            "ws://127.0.0.1:1/ws/", connections=1, duration=1, ramp_up=0, warmup=0, origin=None, rate=0,
+            processes=1, source_addresses=1, client="curl",
+        )  # fmt: skip
 
 
 @pytest.mark.slow

@@ -56,6 +56,13 @@ class Command(BaseCommand):
             help="connect from 127.0.0.1 ... 127.0.0.N (loopback targets only; each address has about "
             "28,000 ephemeral ports and its own PINGPONG_MAX_CONNECTIONS_PER_IP)",
         )
+        parser.add_argument(
+            "--client",
+            choices=("websockets", "picows"),
+            default="websockets",
+            help="client library (default websockets; picows costs about half the client CPU per message, "
+            "for servers that would otherwise outrun the client)",
+        )
         parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -83,6 +90,7 @@ class Command(BaseCommand):
                 warmup=options["warmup"],
                 processes=options["processes"],
                 source_addresses=options["source_addresses"],
+                client=options["client"],
                 progress=progress,
             )
         except loadgen.LoadgenError as error:
