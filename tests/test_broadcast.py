@@ -256,6 +256,7 @@ async def test_a_retry_of_a_broadcast_that_did_arrive_is_dropped_by_every_node(r
     """PUBLISH ran but its reply was held: 504, clients on both nodes got it, and the 202 retry reaches no one again."""
     proxy = ReplyHoldingProxy(redis_server.port)
     await proxy.start()
+    clients: list[ClientConnection] = []
     try:
         sender_env = {
             **redis_env(redis_server, PINGPONG_LAYER_TIMEOUT="0.5", PINGPONG_PUBLISH_TIMEOUT="0.5"),
@@ -263,7 +264,7 @@ async def test_a_retry_of_a_broadcast_that_did_arrive_is_dropped_by_every_node(r
         }
         sender = await asyncio.to_thread(daphne_nodes, sender_env)
         other = await asyncio.to_thread(daphne_nodes, redis_env(redis_server))
-        clients = [await ws_connect(node.ws) for node in (sender, other) for _ in range(2)]
+        clients += [await ws_connect(node.ws) for node in (sender, other) for _ in range(2)]
         for ws in clients:
             assert await ping_pong(ws) == "pong!"
         assert (await asyncio.to_thread(post_broadcast, sender, {"text": "warm up"}))[0] == 202
@@ -278,8 +279,8 @@ async def test_a_retry_of_a_broadcast_that_did_arrive_is_dropped_by_every_node(r
             assert [event["id"] for event in events] == ["held-1"]
         assert await asyncio.to_thread(post_broadcast, sender, body) == (202, {"status": "accepted", "id": "held-1"})
         assert await broadcasts_on_each(clients, seconds=1.5) == [[]] * len(clients)
-        await asyncio.gather(*(ws.close() for ws in clients))
-    finally:
+    finally:  # closed on a failure too: a socket left to the garbage collector fails a later test
+        await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
         await proxy.close()
 
 
