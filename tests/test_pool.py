@@ -14,14 +14,17 @@ from pingpong import layer_calls
 from pingpong.layer_calls import ChannelLayerUnavailable
 from pingpong.layers import PingpongPubSubChannelLayer
 from pingpong.pool import BoundedConnectionPool
-from tests.processes import LOOPBACK, ROOT, free_port
-from tests.wsclient import broadcasts_within, ping_pong, ws_connect
+from tests.processes import LOOPBACK, ROOT, SERVERS, free_port
+from tests.wsclient import broadcasts_on_each, ping_pong, ws_connect
 
 pytestmark = pytest.mark.redis
 TOKEN = "pool-test-token"
 NODE_ID = "pool-node"
 CLIENT_NAME = f"pingpong:{NODE_ID}"  # project/settings.py names each connection <prefix>:<node id>
 CAP = 10  # PINGPONG_REDIS_MAX_CONNECTIONS' default, as the README states
+
+# The tests that start a node run it on daphne and on uvicorn.
+on_both_servers = pytest.mark.parametrize("server", SERVERS)
 
 
 def node_env(redis_server, **extra: str) -> dict[str, str]:
@@ -52,6 +55,7 @@ async def post_broadcast(port: int, text: str) -> tuple[int, str]:
     return int(head.split()[1]), json.loads(body).get("detail", "")
 
 
+@on_both_servers
 async def test_400_concurrent_broadcasts_succeed_within_the_connection_cap_and_idle_connections_close(
     redis_server, daphne_nodes
 ):
@@ -89,6 +93,7 @@ async def test_400_concurrent_broadcasts_succeed_within_the_connection_cap_and_i
     assert "Too many connections" not in node.output()
 
 
+@on_both_servers
 async def test_two_nodes_with_the_default_cap_share_a_redis_limited_to_20_clients(redis_server, daphne_nodes):
     """With Redis' maxclients at 20, a burst on one node leaves the other node room to admit and broadcast."""
     redis = Redis(host=LOOPBACK, port=redis_server.port)
@@ -103,9 +108,8 @@ async def test_two_nodes_with_the_default_cap_share_a_redis_limited_to_20_client
         async with await ws_connect(other.ws) as on_other:
             assert await ping_pong(on_other) == "pong!"
             assert (await post_broadcast(other.port, "from the other node"))[0] == 202
-            for ws in (on_busy, on_other):
-                texts = [event["text"] for event in await broadcasts_within(ws, seconds=3)]
-                assert "from the other node" in texts
+            for events in await broadcasts_on_each([on_busy, on_other], seconds=3):
+                assert "from the other node" in [event["text"] for event in events]
 
 
 async def test_a_caller_that_finds_the_pool_busy_waits_for_a_connection(redis_server):
@@ -208,6 +212,7 @@ BURST_PER_PROCESS = 2000
 
 
 @pytest.mark.slow
+@on_both_servers
 def test_4000_connections_at_once_on_a_cold_node_are_all_admitted_and_answer_pong(redis_server, daphne_nodes):
     """A freshly started node admits 4,000 websockets opened at once from 2 processes; none gets 4013."""
     node = daphne_nodes(node_env(redis_server, PINGPONG_MAX_CONNECTIONS_PER_IP="0"))  # one source address

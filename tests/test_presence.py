@@ -13,13 +13,16 @@ from redis.exceptions import OutOfMemoryError
 from websockets.asyncio.client import ClientConnection
 
 from pingpong import presence
-from tests.processes import DaphneNode, RedisServer, free_port, http_request, redis_binary, scaled
+from tests.processes import SERVERS, DaphneNode, RedisServer, free_port, http_request, redis_binary, scaled
 from tests.wsclient import ws_connect
 
 # The issue's promise: a node that dies drops out of the count within 15 s.
 DEAD_NODE_DEADLINE_SECONDS = 15.0
 # The nodes under test keep their counts this long, so expiry is seen in seconds, not 12+.
 TEST_TTL = 3
+
+# The tests that start nodes run them on daphne and on uvicorn.
+on_both_servers = pytest.mark.parametrize("server", SERVERS)
 
 
 async def stats_of(node: DaphneNode) -> tuple[int, dict]:
@@ -50,7 +53,7 @@ async def close_all(clients: list[ClientConnection]) -> None:
 
 @pytest.fixture
 def cluster(redis_server, daphne_nodes) -> tuple[DaphneNode, DaphneNode]:
-    """Two daphne nodes sharing one real redis-server, named node-a and node-b."""
+    """Two nodes (on the test's `server`) sharing one real redis-server, named node-a and node-b."""
     return cluster_on(redis_server, daphne_nodes)
 
 
@@ -130,6 +133,7 @@ async def test_read_ignores_other_prefixes_and_expired_nodes(redis_client):
 
 
 @pytest.mark.slow
+@on_both_servers
 async def test_a_node_without_redis_counts_its_own_clients(daphne_nodes):
     node = daphne_nodes(env={"PINGPONG_NODE_ID": "solo"})
     clients = await open_clients(node, 2)
@@ -140,6 +144,7 @@ async def test_a_node_without_redis_counts_its_own_clients(daphne_nodes):
 
 
 @pytest.mark.slow
+@on_both_servers
 async def test_stats_is_503_json_when_redis_is_unreachable(daphne_nodes):
     node = daphne_nodes(env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     status, body = await stats_of(node)
@@ -148,6 +153,7 @@ async def test_stats_is_503_json_when_redis_is_unreachable(daphne_nodes):
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_stats_on_either_node_shows_the_cluster_total_and_each_node(cluster):
     node_a, node_b = cluster
     clients = await open_clients(node_a, 2) + await open_clients(node_b, 1)
@@ -162,6 +168,7 @@ async def test_stats_on_either_node_shows_the_cluster_total_and_each_node(cluste
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_a_killed_node_drops_out_within_15_seconds(cluster):
     node_a, node_b = cluster
     clients = await open_clients(node_a, 2) + await open_clients(node_b, 1)
@@ -211,6 +218,7 @@ async def presence_keys(client: Redis) -> list[bytes]:
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_stats_is_503_never_a_wrong_total_while_presence_writes_fail(full_redis, daphne_nodes):
     """Redis at maxmemory (noeviction): until the counts can be written again, no node answers a wrong total."""
     node_a, node_b = cluster_on(full_redis, daphne_nodes)

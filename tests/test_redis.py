@@ -1,4 +1,7 @@
-"""Scale-out through a real redis-server: two daphne nodes act as one, and faults lose nothing silently."""
+"""Scale-out through a real redis-server: two nodes act as one, and faults lose nothing silently.
+
+Every test that starts a node runs it on daphne and on uvicorn.
+"""
 
 import asyncio
 import json
@@ -7,11 +10,13 @@ import pytest
 from channels_redis.pubsub import RedisPubSubChannelLayer
 
 from pingpong import protocol
-from tests.processes import api_broadcast, http_request, manage, wait_until
-from tests.wsclient import broadcasts_within, ping_pong, ws_connect
+from tests.processes import SERVERS, api_broadcast, http_request, manage, wait_until
+from tests.wsclient import broadcasts_on_each, broadcasts_within, ping_pong, ws_connect
 
 pytestmark = pytest.mark.redis
 TOKEN = "redis-test-token"
+
+on_both_servers = pytest.mark.parametrize("server", SERVERS)
 
 
 def redis_env(redis_server, **extra: str) -> dict[str, str]:
@@ -25,6 +30,7 @@ def two_nodes(redis_server, daphne_nodes):
 
 
 @pytest.mark.slow
+@on_both_servers
 async def test_broadcasts_reach_every_client_on_both_nodes_exactly_once(redis_server, two_nodes):
     clients = [await ws_connect(node.ws) for node in two_nodes for _ in range(3)]
     for ws in clients:
@@ -32,13 +38,13 @@ async def test_broadcasts_reach_every_client_on_both_nodes_exactly_once(redis_se
     assert await asyncio.to_thread(api_broadcast, two_nodes[0], "through the API", token=TOKEN) == 202
     command = await asyncio.to_thread(manage, "broadcast", "through the command", env=redis_env(redis_server))
     assert command.returncode == 0, command.stderr
-    for ws in clients:
-        texts = [event["text"] for event in await broadcasts_within(ws, seconds=1.5)]
-        assert sorted(texts) == ["through the API", "through the command"]
-        await ws.close()
+    for events in await broadcasts_on_each(clients, seconds=1.5):
+        assert sorted(event["text"] for event in events) == ["through the API", "through the command"]
+    await asyncio.gather(*(ws.close() for ws in clients))
 
 
 @pytest.mark.slow
+@on_both_servers
 async def test_idle_client_stays_connected_for_20_seconds(redis_server, daphne_nodes):
     node = daphne_nodes(redis_env(redis_server))
     async with await ws_connect(node.ws) as ws:
@@ -51,6 +57,7 @@ async def test_idle_client_stays_connected_for_20_seconds(redis_server, daphne_n
 
 
 @pytest.mark.slow
+@on_both_servers
 async def test_broadcasts_still_arrive_after_the_group_expiry(redis_server, daphne_nodes):
     node = daphne_nodes(redis_env(redis_server, DJANGO_SETTINGS_MODULE="tests.settings_short_expiry"))
     async with await ws_connect(node.ws) as ws:
@@ -69,6 +76,7 @@ def test_broadcast_command_exits_non_zero_when_redis_is_unreachable(redis_server
 
 
 @pytest.mark.slow
+@on_both_servers
 async def test_redis_outage_keeps_ping_working_and_reports_503_then_recovers(redis_server, two_nodes):
     clients = [await ws_connect(node.ws) for node in two_nodes for _ in range(2)]
     redis_server.kill()
@@ -81,7 +89,7 @@ async def test_redis_outage_keeps_ping_working_and_reports_503_then_recovers(red
     command = await asyncio.to_thread(manage, "broadcast", "lost?", env=redis_env(redis_server))
     assert command.returncode != 0
 
-    redis_server.start()  # same port, no daphne restart
+    redis_server.start()  # same port, no node restart
     await asyncio.to_thread(
         wait_until,
         lambda: all(http_request(f"{n.http}/readyz")[0] == 200 for n in two_nodes),
@@ -89,8 +97,9 @@ async def test_redis_outage_keeps_ping_working_and_reports_503_then_recovers(red
         what="both nodes ready again",
     )
     assert await asyncio.to_thread(api_broadcast, two_nodes[1], "back", token=TOKEN) == 202
+    for events in await broadcasts_on_each(clients, seconds=1):
+        assert [e["text"] for e in events] == ["back"]
     for ws in clients:
-        assert [e["text"] for e in await broadcasts_within(ws, seconds=1)] == ["back"]
         assert await ping_pong(ws) == "pong!"
         await ws.close()
     for node in two_nodes:
@@ -98,6 +107,7 @@ async def test_redis_outage_keeps_ping_working_and_reports_503_then_recovers(red
 
 
 @pytest.mark.slow
+@on_both_servers
 async def test_killing_one_node_leaves_the_other_serving_and_reconnects_land_there(redis_server, two_nodes):
     doomed, survivor = two_nodes
     on_doomed = await ws_connect(doomed.ws)
@@ -107,12 +117,13 @@ async def test_killing_one_node_leaves_the_other_serving_and_reconnects_land_the
     await on_doomed.close()
     reconnected = await ws_connect(survivor.ws)
     assert await asyncio.to_thread(api_broadcast, survivor, "after the crash", token=TOKEN) == 202
-    for ws in (on_survivor, reconnected):
-        assert [e["text"] for e in await broadcasts_within(ws, seconds=1)] == ["after the crash"]
-        await ws.close()
+    for events in await broadcasts_on_each([on_survivor, reconnected], seconds=1):
+        assert [e["text"] for e in events] == ["after the crash"]
+    await asyncio.gather(on_survivor.close(), reconnected.close())
     assert "Traceback" not in survivor.output()
 
 
+@on_both_servers
 async def test_new_connection_while_redis_is_down_is_told_to_try_again_later(redis_server, daphne_nodes):
     node = daphne_nodes(redis_env(redis_server))
     redis_server.kill()
@@ -125,6 +136,7 @@ async def test_new_connection_while_redis_is_down_is_told_to_try_again_later(red
     assert ws.close_code == protocol.CloseCode.TRY_AGAIN_LATER
 
 
+@on_both_servers
 async def test_channel_layer_message_of_unknown_type_is_logged_and_dropped(redis_server, daphne_nodes):
     node = daphne_nodes(redis_env(redis_server))
     async with await ws_connect(node.ws) as ws:

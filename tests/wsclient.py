@@ -74,3 +74,8 @@ async def broadcasts_within(ws: ClientConnection, *, seconds: float) -> list[dic
         if protocol.event_type(frame) == protocol.EVENT_BROADCAST:
             events.append(json.loads(frame))
     return events
+
+
+async def broadcasts_on_each(clients: list[ClientConnection], *, seconds: float) -> list[list[dict[str, Any]]]:
+    """`broadcasts_within` on every client over one shared window, not one window after another."""
+    return list(await asyncio.gather(*(broadcasts_within(ws, seconds=seconds) for ws in clients)))
