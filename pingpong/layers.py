@@ -48,7 +48,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pingpong.pool import BoundedConnectionPool, BoundedSentinelConnectionPool
 
-logger = logging.getLogger(__name__)
+# The receive loop's errors go to channels-redis' logger, as the base loop's did: the project's
+# logging config keeps Redis connection errors there to one line (pingpong.logs.BriefConnectionErrors).
+receive_logger = logging.getLogger("channels_redis.pubsub")
 
 #: The receive loop's wait after a failed read, doubling from the first to the second.
 RECEIVE_RETRY_MIN, RECEIVE_RETRY_MAX = 0.1, 1.0
@@ -203,7 +205,7 @@ class PingpongShard(RedisSingleShardConnection):
             except (TimeoutError, asyncio.CancelledError, GeneratorExit):
                 raise
             except BaseException:
-                logger.exception("Unexpected exception in receive task")
+                receive_logger.exception("Unexpected exception in receive task")
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RECEIVE_RETRY_MAX)
 
