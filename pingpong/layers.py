@@ -18,17 +18,22 @@ is decoded once per member. `PingpongPubSubChannelLayer` keeps the same wire for
   publishes waiting at the same time go out together in one pipeline;
 - concurrent first `group_add`s for a group share one in-flight subscribe, instead of
   queueing one by one on the shard lock (a cold node's burst of connections timed out there);
+- a first `group_add` returns once Redis has confirmed the SUBSCRIBE (redis-py does not wait for
+  it), so a read made after it on another connection (a topic's history) cannot overtake it; the
+  confirmation that redis-py's reconnect asks for by subscribing again counts too, and the wait is
+  bounded by `subscribe_timeout`;
 - each shard's connections come from a `BoundedConnectionPool` (pingpong/pool.py): at most
   `max_connections`, the subscriber's included, a caller waits up to `pool_timeout` seconds
   for one, and connections idle for `idle_seconds` are closed; a Sentinel host entry gets a
   `BoundedSentinelConnectionPool`, bounded the same way.
 
 It relies on channels_redis 4.x internals (`RedisPubSubLoopLayer`, the shard's
-`_subscribed_to`, `_lock`, `_redis`, `_pubsub`, `_ensure_redis`, `_ensure_receiver`, and its receive
-loop routing a `pmessage` by channel name), which pyproject pins below 5.
+`_subscribed_to`, `_lock`, `_redis`, `_pubsub`, `_ensure_redis`, `_ensure_receiver`, its receive loop
+`_do_receiving` and `_receive_message` routing a `pmessage` by channel name), which pyproject pins below 5.
 """
 
 import asyncio
+import logging
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -39,8 +44,16 @@ from channels_redis.utils import _wrap_close
 from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pingpong.pool import BoundedConnectionPool, BoundedSentinelConnectionPool
+
+# The receive loop's errors go to channels-redis' logger, as the base loop's did: the project's
+# logging config keeps Redis connection errors there to one line (pingpong.logs.BriefConnectionErrors).
+receive_logger = logging.getLogger("channels_redis.pubsub")
+
+#: The receive loop's wait after a failed read, doubling from the first to the second.
+RECEIVE_RETRY_MIN, RECEIVE_RETRY_MAX = 0.1, 1.0
 
 #: Most PUBLISH commands in one pipeline, so one burst cannot build an unbounded request.
 PUBLISH_BATCH = 500
@@ -118,18 +131,95 @@ class PingpongShard(RedisSingleShardConnection):
 
     _redis: aioredis.Redis | None
 
-    def __init__(self, host: dict[str, Any], channel_layer: "PingpongPubSubLoopLayer", **bounds: Any) -> None:
+    def __init__(
+        self, host: dict[str, Any], channel_layer: "PingpongPubSubLoopLayer", *, subscribe_timeout: float, **bounds: Any
+    ) -> None:
         super().__init__(host, channel_layer)
         self._bounds = bounds
         self._outbox: list[_Outgoing] = []
         self._sender: asyncio.Task[None] | None = None
         self._patterns: set[str] = set()
+        self._subscribe_timeout = subscribe_timeout
+        self._confirming: dict[str, asyncio.Future[None]] = {}  # channel -> its SUBSCRIBE's waiter
 
     def _ensure_redis(self) -> None:
         if self._redis is None:
             client = aioredis.Redis(connection_pool=pool_create(self.host, **self._bounds))
             # The subscriber takes its connection from the same pool and keeps it: it counts in the cap.
             self._redis, self._pubsub = client, client.pubsub()
+
+    async def subscribe(self, channel: str) -> None:
+        await self.subscribe_many([channel])
+
+    async def subscribe_many(self, channels: list[str]) -> None:
+        """SUBSCRIBE the channels not subscribed yet, in one command; return once Redis has run it.
+
+        redis-py does not wait for SUBSCRIBE's answer, and a read made next on another connection
+        (a topic's history) could reach Redis first and miss a publication made in between. Each
+        channel's waiter is settled by its `subscribe` confirmation: the one for our command, or the
+        one for redis-py's own SUBSCRIBE when it reconnects (and so resubscribes) before ours was
+        answered. Past `subscribe_timeout` this raises, the channels stay unsubscribed for us (a next
+        first join subscribes again), and no waiter is left. Holding the lock meanwhile keeps an
+        UNSUBSCRIBE from slipping in before the confirmation.
+        """
+        async with self._lock:
+            wanted = [channel for channel in dict.fromkeys(channels) if channel not in self._subscribed_to]
+            if not wanted:
+                return
+            self._ensure_redis()
+            self._ensure_receiver()
+            assert self._pubsub is not None
+            loop = asyncio.get_running_loop()
+            waiters = {channel: loop.create_future() for channel in wanted}
+            self._confirming.update(waiters)
+            try:
+                # asyncio.timeout, not wait_for (see pingpong.layer_calls); it bounds the write too.
+                async with asyncio.timeout(self._subscribe_timeout):
+                    await self._pubsub.subscribe(*wanted)
+                    await asyncio.gather(*waiters.values())
+            except TimeoutError as error:
+                raise RedisTimeoutError(
+                    f"Redis did not confirm SUBSCRIBE within {self._subscribe_timeout:g} s"
+                ) from error
+            finally:
+                for channel, waiter in waiters.items():
+                    if self._confirming.get(channel) is waiter:
+                        del self._confirming[channel]
+                    waiter.cancel()  # a no-op once settled
+            self._subscribed_to.update(wanted)
+
+    async def _do_receiving(self) -> None:
+        """channels-redis' receive loop, with subscribe confirmations kept: they settle `subscribe_many`'s waiters.
+
+        After a failed read (a reconnect that failed) it tries again in 0.1 s, doubling to 1 s, not
+        channels-redis' fixed 1 s: the subscriptions come back sooner, and fewer publications are missed.
+        """
+        retry = RECEIVE_RETRY_MIN
+        while True:
+            try:
+                if self._pubsub is not None and self._pubsub.subscribed:
+                    self._receive_message(await self._pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1))
+                else:
+                    await asyncio.sleep(0.1)
+                retry = RECEIVE_RETRY_MIN
+            except (TimeoutError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except BaseException:
+                receive_logger.exception("Unexpected exception in receive task")
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RECEIVE_RETRY_MAX)
+
+    def _receive_message(self, message: dict[str, Any] | None) -> None:
+        if message is None:
+            return
+        kind = message["type"]
+        if kind == "subscribe":
+            name = message["channel"]
+            waiter = self._confirming.pop(name.decode() if isinstance(name, bytes) else name, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif kind in ("message", "pmessage"):  # not the other confirmations, nor a pong
+            super()._receive_message(message)
 
     async def psubscribe(self, pattern: str) -> None:
         """Subscribe a pattern, under the shard lock like the base `subscribe`; redis-py renews it on reconnect.
@@ -234,6 +324,9 @@ class PingpongShard(RedisSingleShardConnection):
         self._outbox = []
         await super().flush()
         self._patterns = set()
+        for waiter in self._confirming.values():  # none, unless a subscribe outlived its caller's lock
+            waiter.cancel()
+        self._confirming = {}
 
 
 class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
@@ -245,12 +338,18 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         max_connections: int = 10,
         pool_timeout: float = 2.0,
         idle_seconds: float = 30.0,
+        subscribe_timeout: float = 2.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._shards: list[RedisSingleShardConnection] = [
             PingpongShard(
-                shard.host, self, max_connections=max_connections, timeout=pool_timeout, idle_seconds=idle_seconds
+                shard.host,
+                self,
+                subscribe_timeout=subscribe_timeout,
+                max_connections=max_connections,
+                timeout=pool_timeout,
+                idle_seconds=idle_seconds,
             )
             for shard in self._shards
         ]
@@ -396,8 +495,10 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
                 for group_channel in batch:
                     by_shard.setdefault(id(self._get_shard(group_channel)), []).append(group_channel)
                 for channels in by_shard.values():
+                    shard = self._get_shard(channels[0])
+                    assert isinstance(shard, PingpongShard)
                     try:
-                        await self._subscribe_many(self._get_shard(channels[0]), channels)
+                        await shard.subscribe_many(channels)
                     except Exception as error:  # every joiner of the batch gets the error
                         for group_channel in channels:
                             if not batch[group_channel].done():
@@ -408,17 +509,6 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
                                 batch[group_channel].set_result(None)
         finally:
             self._subscribe_task = None
-
-    @staticmethod
-    async def _subscribe_many(shard: RedisSingleShardConnection, channels: list[str]) -> None:
-        """channels-redis' RedisSingleShardConnection.subscribe, for several channels in one command."""
-        async with shard._lock:
-            wanted = [channel for channel in channels if channel not in shard._subscribed_to]
-            if wanted:
-                shard._ensure_redis()
-                shard._ensure_receiver()
-                await shard._pubsub.subscribe(*wanted)
-                shard._subscribed_to.update(wanted)
 
     def _group_forget(self, group_channel: str, subscription: "asyncio.Future[None]") -> None:
         if self._group_subscriptions.get(group_channel) is subscription:

@@ -151,6 +151,8 @@ if REDIS_URL:
                 # call's deadline so that the error says the pool, not Redis, was the problem.
                 "pool_timeout": 0.75 * PINGPONG_LAYER_TIMEOUT,
                 "idle_seconds": PINGPONG_REDIS_IDLE_SECONDS,
+                # A first group_add waits this long for Redis to confirm its SUBSCRIBE (pingpong/layers.py).
+                "subscribe_timeout": PINGPONG_LAYER_TIMEOUT,
             },
         }
     }

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 from redis import asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pingpong.layers import PingpongPubSubChannelLayer, glob_escape
-from tests.processes import ROOT
+from pingpong.layers import PingpongPubSubChannelLayer, PingpongShard, glob_escape
+from tests.processes import ROOT, scaled
 
 pytestmark = pytest.mark.redis
 
@@ -102,9 +103,9 @@ async def test_a_group_message_reaches_every_member_on_every_process_once(layers
 
 
 async def test_a_publish_from_another_connection_right_after_a_first_group_add_reaches_the_member(layers, redis_server):
-    """Redis runs the SUBSCRIBE written by group_add before commands written after it on other connections.
+    """A command written on another connection after a first group_add returns finds the group subscribed.
 
-    Topic history's join relies on it (README, Known limitations); redis-py does not wait for the confirmation.
+    Topic history's join relies on it: group_add waits for Redis' confirmation of the SUBSCRIBE.
     """
     here, there = layers
     client = aioredis.Redis.from_url(redis_server.url)
@@ -299,3 +300,100 @@ async def test_a_prefix_with_glob_characters_still_delivers_direct_messages(redi
     finally:
         await here.flush()
         await there.flush()
+
+
+def shard_of(layer: PingpongPubSubChannelLayer, group: str) -> PingpongShard:
+    """The shard that carries `group`'s channel."""
+    loop_layer = layer._get_layer()
+    shard = loop_layer._get_shard(loop_layer._get_group_channel_name(group))
+    assert isinstance(shard, PingpongShard)
+    return shard
+
+
+async def subscribers(client: aioredis.Redis, layer: PingpongPubSubChannelLayer, group: str) -> int:
+    """How many connections Redis has subscribed to `group`'s channel (PUBSUB NUMSUB)."""
+    group_channel = layer._get_layer()._get_group_channel_name(group)
+    return int(dict(await client.pubsub_numsub(group_channel))[group_channel.encode()])
+
+
+async def test_a_first_group_add_returns_only_once_redis_has_run_the_subscribe(layers, redis_server):
+    """redis-py does not wait for SUBSCRIBE's answer; group_add does, so a read that follows cannot overtake it."""
+    layer = layers[0]
+    await layer.group_add("warm", await layer.new_channel())  # the subscriber connection is up
+    channel = await layer.new_channel()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.execute_command("CLIENT", "PAUSE", "1000", "ALL")  # Redis runs no command for 1 s
+        joining = asyncio.ensure_future(layer.group_add("late", channel))
+        await asyncio.sleep(0.3)
+        assert not joining.done(), "group_add returned before Redis ran the SUBSCRIBE"
+        await asyncio.wait_for(joining, scaled(5))
+        assert await subscribers(client, layer, "late") == 1
+        assert shard_of(layer, "late")._confirming == {}
+    finally:
+        await client.aclose()
+
+
+async def test_a_first_group_add_that_redis_does_not_confirm_in_time_fails_and_leaves_no_waiter(redis_server):
+    """Past subscribe_timeout the join raises, nothing waits on, and the next first join subscribes again."""
+    layer = PingpongPubSubChannelLayer(hosts=[redis_server.url], prefix="test", subscribe_timeout=0.3)
+    client = aioredis.Redis.from_url(redis_server.url)
+    pause = 0.3 + scaled(1.5)
+    try:
+        await layer.group_add("warm", await layer.new_channel())
+        channel = await layer.new_channel()
+        await client.execute_command("CLIENT", "PAUSE", str(int(pause * 1000)), "ALL")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RedisTimeoutError, match="did not confirm SUBSCRIBE"):
+            await asyncio.wait_for(layer.group_add("late", channel), scaled(5))
+        assert asyncio.get_running_loop().time() - started < pause, "the wait outlasted Redis' pause"
+        shard = shard_of(layer, "late")
+        assert shard._confirming == {}
+        assert layer._get_layer()._get_group_channel_name("late") not in shard._subscribed_to
+        await asyncio.sleep(pause)  # Redis runs again
+        await asyncio.wait_for(layer.group_add("late", channel), scaled(5))
+        assert shard._confirming == {}
+        await layer.group_send("late", {"type": "m"})
+        assert await receive(layer, channel) == {"type": "m"}
+    finally:
+        await client.aclose()
+        await layer.flush()
+
+
+async def test_a_first_group_add_whose_subscriber_connection_is_killed_completes_after_the_resubscribe(
+    layers, redis_server, monkeypatch
+):
+    """The SUBSCRIBE goes out on a connection Redis has closed: redis-py reconnects and resubscribes, and that confirms."""
+    layer = layers[0]
+    await layer.group_add("warm", await layer.new_channel())
+    channel = await layer.new_channel()
+    shard = shard_of(layer, "late")
+    pubsub = shard._pubsub
+    assert pubsub is not None
+    reading = asyncio.Event()
+    get_message = pubsub.get_message
+
+    async def held_get_message(*args: Any, **kwargs: Any) -> Any:
+        await reading.wait()  # the receive loop reads nothing until the test lets it
+        return await get_message(*args, **kwargs)
+
+    monkeypatch.setattr(pubsub, "get_message", held_get_message)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await asyncio.sleep(0.3)  # a read already in progress ends (the loop polls every 0.1 s)
+        connections_before = (await client.info("stats"))["total_connections_received"]
+        assert await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
+        await asyncio.sleep(0.1)
+        joining = asyncio.ensure_future(layer.group_add("late", channel))
+        await asyncio.sleep(0.3)
+        assert not joining.done(), "group_add returned with no confirmation read"
+        reading.set()
+        await asyncio.wait_for(joining, scaled(5))
+        assert (await client.info("stats"))["total_connections_received"] > connections_before  # it reconnected
+        assert await subscribers(client, layer, "late") == 1
+        assert shard._confirming == {}
+        await layers[1].group_send("late", {"type": "m"})
+        assert await receive(layer, channel) == {"type": "m"}
+    finally:
+        reading.set()
+        await client.aclose()
