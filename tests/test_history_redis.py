@@ -150,7 +150,9 @@ async def test_a_client_recovers_what_it_missed_while_disconnected_on_the_other_
 async def test_publications_racing_a_recovering_subscribe_arrive_exactly_once_in_order(two_nodes, redis_layer):
     for n in range(10):
         result = await topics.apublish("public:race", n)
-    total = 150
+    # Within public's 100-publication history however late the join's read comes (at 150 a busy
+    # machine's late read was rightly answered recovered: false); the race is the same.
+    total = 100
 
     async def publish_more() -> None:
         for n in range(10, total):
