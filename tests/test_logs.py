@@ -3,8 +3,10 @@
 import json
 import logging
 
+import pytest
+
 from pingpong.logs import JsonFormatter, log_event
-from tests.processes import wait_until
+from tests.processes import SERVERS, wait_until
 from tests.wsclient import ping_pong, ws_connect
 
 
@@ -23,6 +25,7 @@ def test_json_formatter_puts_each_field_under_its_own_key():
     assert (line["event"], line["id"], line["code"], line["duration"]) == ("close", "abc", 1000, 0.5)
 
 
+@pytest.mark.parametrize("server", SERVERS)
 async def test_a_connection_logs_one_json_line_when_it_opens_and_one_when_it_closes(daphne_nodes):
     node = daphne_nodes({"PINGPONG_LOG_FORMAT": "json"})
     async with await ws_connect(node.ws) as ws:

@@ -1,4 +1,4 @@
-"""What topic subscriptions cost a node on Redis, and that clients who vanish give all of it back."""
+"""What topic subscriptions cost a node on Redis, and that clients who vanish give all of it back (on daphne and on uvicorn)."""
 
 import asyncio
 import json
@@ -6,10 +6,10 @@ import json
 import pytest
 import redis
 
-from tests.processes import wait_until
+from tests.processes import SERVERS, wait_until
 from tests.wsclient import next_event, ping_pong, ws_connect
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.parametrize("server", SERVERS)]
 CLIENTS = 10
 CAP = 100  # PINGPONG_MAX_SUBSCRIPTIONS' default
 

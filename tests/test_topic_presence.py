@@ -1,4 +1,5 @@
-"""Topic presence and join/leave events, in process (WebsocketCommunicator, the embedded layer)."""
+"""Topic presence and join/leave events, in process (WebsocketCommunicator, the embedded layer) and across
+two real nodes on one redis-server (each such test runs on daphne and on uvicorn)."""
 
 import asyncio
 import json
@@ -15,7 +16,7 @@ from websockets.asyncio.client import ClientConnection
 
 from pingpong import presence, protocol, tokens, topic_presence, topics
 from tests.communicators import ask
-from tests.processes import DaphneNode, RedisServer, free_port, http_request, scaled
+from tests.processes import SERVERS, DaphneNode, RedisServer, free_port, http_request, scaled
 from tests.wsclient import next_event, ws_connect
 
 SECRET = "presence-test-secret-" + "0123456789abcdef" * 4
@@ -220,6 +221,8 @@ async def test_the_api_refuses_post_with_405():
 DEAD_NODE_DEADLINE_SECONDS = 15.0
 # The nodes under test live TEST_TTL seconds without a heartbeat, so death is seen in seconds.
 TEST_TTL = 3
+# The tests that start nodes run them on daphne and on uvicorn.
+on_both_servers = pytest.mark.parametrize("server", SERVERS)
 
 
 @pytest.fixture
@@ -366,6 +369,7 @@ async def close_all(clients: list[ClientConnection]) -> None:
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_joins_leaves_and_counts_cross_two_nodes(cluster):
     node_a, node_b = cluster
     ann = await user_on(node_a, "ann", "room:x")
@@ -389,6 +393,7 @@ async def test_joins_leaves_and_counts_cross_two_nodes(cluster):
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_a_killed_nodes_entries_disappear_and_leave_events_arrive_within_15_seconds(cluster):
     node_a, node_b = cluster
     ann = await user_on(node_a, "ann", "room:k")
@@ -429,6 +434,7 @@ REFRESH_CONNECTIONS = 300
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_a_refresh_is_one_round_trip_whatever_the_number_of_connections(redis_server, daphne_nodes):
     """With 300 subscribed connections, a few TTLs of refreshes cost a handful of Redis commands, not 300 each."""
     node = daphne_nodes(env=cluster_env(redis_server, "node-a"))
@@ -480,6 +486,7 @@ async def test_a_subscribe_redis_cannot_record_is_answered_unavailable_and_deliv
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_a_draining_nodes_connections_leave_at_once_and_leave_nothing_in_redis(cluster, redis_server):
     node_a, node_b = cluster
     ann = await user_on(node_a, "ann", "room:d")

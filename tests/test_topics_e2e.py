@@ -41,8 +41,8 @@ API_TOKEN = "e2e-api-token"
 MAX_SUBSCRIPTIONS = 3
 MARKER_TOPIC = "public:x"  # every connection of a routing test subscribes to it
 
-# The cheap tests run on daphne and on uvicorn; the slow ones (token expiry) and those that do
-# not involve the server (a worker process, the command) on daphne only.
+# Every test that goes through the server runs on daphne and on uvicorn; those that prove a publisher
+# outside it (a worker process, the command) on daphne only.
 both_servers = pytest.mark.parametrize("server", SERVERS, scope="module")
 daphne_only = pytest.mark.parametrize("server", ["daphne"], scope="module")
 
@@ -272,7 +272,7 @@ def token_ttl() -> int:
     return int(scaled(3)) + 2
 
 
-@daphne_only
+@both_servers
 async def test_a_token_that_expires_gets_token_expiring_then_unauthorized_and_4401(cluster, issue):
     async with await connect(cluster.nodes[0], issue("A", ttl=token_ttl())) as ws:
         warning = await next_event(ws)
@@ -282,7 +282,7 @@ async def test_a_token_that_expires_gets_token_expiring_then_unauthorized_and_44
         assert await close_code(ws) == protocol.CloseCode.UNAUTHORIZED
 
 
-@daphne_only
+@both_servers
 async def test_a_refresh_before_exp_keeps_the_connection_open_past_the_old_exp(cluster, issue):
     async with await connect(cluster.nodes[0], issue("A", ttl=token_ttl())) as ws:
         warning = await next_event(ws)
