@@ -256,8 +256,8 @@ def table(rows: list[Row]) -> str:
         out += [
             "W4 capacity (one `serve --workers N` process group, idle connections, then one ping each)",
             "",
-            "| server | workers | client processes | source addresses | held/asked | connect s | connect/s | RSS before MB | after MB | KB/conn | PSS KB/conn | per worker | answered/pinged | errors | client KB/conn | client CPU | server CPU | load avg |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|--:|--:|--:|---|",
+            "| server | workers | client processes | source addresses | held/asked | connect s | connect/s | RSS before MB | after MB | KB/conn | PSS KB/conn | per worker | answered/pinged | errors | client KB/conn | client CPU | server CPU | idle server CPU | load avg |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|--:|--:|--:|--:|---|",
         ]
         for r in w4:
             errors = {**r["failures"], **{f"closed:{code}": n for code, n in r["dropped"].items()}}
@@ -270,13 +270,14 @@ def table(rows: list[Row]) -> str:
                 else "-"
             )
             loads = "/".join(f"{reading[0]:.1f}" for reading in r["load_average"])
+            idle = f"{r['server_idle_cpu_percent']:.0f}%" if "server_idle_cpu_percent" in r else "-"
             out.append(
                 f"| {r['server']} | {r['workers']} | {r['client_processes']} | {r['source_addresses']} "
                 f"| {r['held']:,}/{r['connections']:,} | {r['connect_seconds']:.1f} | {r['connect_rate']:,.0f} "
                 f"| {r['rss_before_mb']:,.0f} | {r['rss_after_mb']:,.0f} | {r['rss_per_connection_kb']:.1f} "
                 f"| {'-' if pss is None else f'{pss:.1f}'} | {spread} | {r['answered']:,}/{r['pinged']:,} "
                 f"| {errors_cell(errors)} | {r['client_rss_per_connection_kb']:.1f} | {client_cpu(r)} "
-                f"| {r['server_cpu_percent']:.0f}% | {loads} |"
+                f"| {r['server_cpu_percent']:.0f}% | {idle} | {loads} |"
             )
         out.append("")
     w3 = [row for row in rows if row["workload"] == "w3"]

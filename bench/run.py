@@ -65,6 +65,9 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--w4-concurrency", type=int, default=50, help="W4 handshakes in flight per client process")
     parser.add_argument("--w4-answer-seconds", type=float, default=60.0, help="W4 bound on every ping's answer")
+    parser.add_argument(
+        "--w4-connect-seconds", type=float, default=900.0, help="W4: a client process stops opening after this long"
+    )
     parser.add_argument("--w3-clients", type=int, default=4_000)
     parser.add_argument("--w3-nodes", type=int, default=2)
     parser.add_argument("--w3-rate", type=float, default=20.0, help="broadcasts per second")
@@ -231,7 +234,7 @@ def steps_plan(
                             log_dir=logs, say=say, workers=options.w4_workers,
                             client_processes=options.w4_client_processes,
                             source_addresses=options.w4_source_addresses, concurrency=options.w4_concurrency,
-                            answer_within=options.w4_answer_seconds,
+                            answer_within=options.w4_answer_seconds, connect_within=options.w4_connect_seconds,
                         ),
                     )
                 )  # fmt: skip

@@ -263,12 +263,13 @@ def w4_capacity(
     source_addresses: int | None = None,
     concurrency: int = capacity.CONCURRENCY,
     answer_within: float = 60.0,
+    connect_within: float = capacity.PHASE_TIMEOUT,
     settle: float = 2.0,
 ) -> Row:
     """Hold `connections` idle on one `manage.py serve --workers N` process group (the project on `server`,
     pinned to `cores`, None: not pinned) from several client processes and loopback source addresses:
     connect rate, the group's RSS (and PSS) per connection, every connection's `ping` answered within
-    `answer_within` s, the spread over the workers. Counts left None are planned from RLIMIT_NOFILE
+    `answer_within` s, the spread over the workers. A client process stops opening after `connect_within` s. Counts left None are planned from RLIMIT_NOFILE
     (bench.capacity.plan_make)."""
     plan = capacity.plan_make(
         connections=connections, open_files=capacity.open_files_limit(), workers=workers,
@@ -291,6 +292,8 @@ def w4_capacity(
         def on_held() -> dict[str, Any]:
             cpu["held"], wall["held"] = sum(process_cpu_seconds(pid) for pid in pids), time.monotonic()
             time.sleep(settle)  # let the workers settle before reading their RSS
+            # What holding idle connections costs: the group's CPU over the settle window (server pings, timers).
+            cpu["settled"], wall["settled"] = sum(process_cpu_seconds(pid) for pid in pids), time.monotonic()
             load.append(os.getloadavg())
             return {"memory": capacity.group_memory(pids), "spread": capacity.worker_connections(process.port)}
 
@@ -299,13 +302,9 @@ def w4_capacity(
             return {}
 
         parts = capacity.parts_plan(
-            host=LOOPBACK,
-            port=process.port,
-            path="/ws/",
-            origin=origin(process),
-            plan=plan,
-            answer_within=answer_within,
-        )
+            host=LOOPBACK, port=process.port, path="/ws/", origin=origin(process), plan=plan,
+            answer_within=answer_within, connect_within=connect_within,
+        )  # fmt: skip
         result = capacity.clients_run(parts, say=say, on_held=on_held, on_answered=on_answered)
         load.append(os.getloadavg())
         restarted = isinstance(process, ServerGroup) and sorted(process.worker_pids()) != sorted(pids[1:])
@@ -339,6 +338,7 @@ def w4_capacity(
         "client_processes": plan.client_processes,
         "source_addresses": plan.source_addresses,
         "concurrency": plan.concurrency * plan.client_processes,  # handshakes in flight, every client process
+        "connect_within": connect_within,
         "open_files_limit": plan.open_files_limit,
         "per_process_limit": plan.per_process_limit,
         "kernel": capacity.kernel_limits(),
@@ -375,7 +375,8 @@ def w4_capacity(
         # The group's CPU while connecting, as a share of one core (up to 100 x cores), and per connection.
         "server_cpu_percent": round(100 * (cpu["held"] - cpu["start"]) / connect_wall, 1) if connect_wall else 0.0,
         "server_us_per_connection": round(1e6 * (cpu["held"] - cpu["start"]) / grown, 1),
-        "server_cpu_ping_seconds": round(cpu["answered"] - cpu["held"], 2),
+        "server_idle_cpu_percent": round(100 * (cpu["settled"] - cpu["held"]) / (wall["settled"] - wall["held"]), 1),
+        "server_cpu_ping_seconds": round(cpu["answered"] - cpu["settled"], 2),
         "load_average": [[round(value, 2) for value in reading] for reading in load],
         "server_cores": sorted(cores) if cores else None,
         "client_cores": sorted(os.sched_getaffinity(0)),
