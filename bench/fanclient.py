@@ -46,11 +46,13 @@ class FanoutClient(asyncio.Protocol):
             status = bytes(buffer[: buffer.find(b"\r\n")])
             del buffer[: end + 4]
             if b" 101 " not in status:
-                self.opened.set_exception(ConnectionError(status.decode(errors="replace")))
+                if not self.opened.done():
+                    self.opened.set_exception(ConnectionError(status.decode(errors="replace")))
                 self.transport.close()
                 return
             self.upgraded = True
-            self.opened.set_result(None)
+            if not self.opened.done():  # the opener may have given up (its timeout cancels the future)
+                self.opened.set_result(None)
         offset, size = 0, len(buffer)
         while size - offset >= 2:
             opcode, length = buffer[offset] & 0x0F, buffer[offset + 1] & 0x7F

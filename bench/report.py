@@ -15,6 +15,8 @@ TARGETS = {
     "w3_p99": 2.0,  # <= x raw fan-out ceiling
     "w3_uvicorn_p99": 0.5,  # the project on uvicorn: <= x the project on daphne
 }
+#: W4: RSS per idle connection of the whole `serve --workers N` group, at most (Centrifugo's published figure).
+W4_KB_PER_CONNECTION = 30.0
 
 
 def _find(rows: list[Row], **match: Any) -> Row | None:
@@ -84,6 +86,9 @@ def verdicts(rows: list[Row]) -> list[str]:
         ratio = on_uvicorn["latency_ms"]["p99"] / on_daphne["latency_ms"]["p99"]
         lines.append(check("W3 p99 on uvicorn vs on daphne", ratio, TARGETS["w3_uvicorn_p99"], False))
     for row in rows:
+        if row.get("workload") == "w4":
+            lines.append(w4_capacity_verdict(row))
+    for row in rows:
         if row.get("workload") == "w5":
             lines.append(w5_delivery_verdict(row))
     for row in rows:
@@ -100,6 +105,26 @@ def w3_delivery_verdict(row: Row) -> str:
         f"W3 {row.get('server', 'daphne')}: {accepted}/{sent} broadcasts accepted, {row['delivered_percent']}% of those delivered "
         f"(target: all accepted, 100% delivered) {'met' if full else 'MISSED'}"
     )
+
+
+def w4_capacity_verdict(row: Row) -> str:
+    """Every connection asked for held and answering `ping`, at most W4_KB_PER_CONNECTION of RSS each."""
+    full = (
+        row["held"] == row["connections"]
+        and row["answered"] == row["connections"]
+        and not row["errors"]
+        and row["rss_per_connection_kb"] <= W4_KB_PER_CONNECTION
+    )
+    return (
+        f"W4 {row['server']}: {row['held']:,}/{row['connections']:,} held on {row['workers']} workers, "
+        f"{row['answered']:,} answered ping, {row['rss_per_connection_kb']:.1f} KB/connection "
+        f"(target: all held and answering, <= {W4_KB_PER_CONNECTION:g} KB) {'met' if full else 'MISSED'}"
+    )
+
+
+def errors_cell(counts: dict[str, int]) -> str:
+    """Counts by kind (`timeout 3, EADDRNOTAVAIL 1`), or "-"."""
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items())) or "-"
 
 
 def w5_delivery_verdict(row: Row) -> str:
@@ -224,6 +249,35 @@ def table(rows: list[Row]) -> str:
                 f"| {r['server']} | {r['app']} | {r['opened']:,}/{r['connections']:,} | {r['connect_rate']:,.0f} | {_ratio(r, 'connect_rate')} "
                 f"| {r['rss_before_mb']} | {r['rss_after_mb']} | {r['rss_per_connection_kb']:.1f} | {_ratio(r, 'rss_per_connection')} "
                 f"| {r['answered']:,} | {r['errors']} | {client_cpu(r)} |"
+            )
+        out.append("")
+    w4 = [row for row in rows if row["workload"] == "w4"]
+    if w4:
+        out += [
+            "W4 capacity (one `serve --workers N` process group, idle connections, then one ping each)",
+            "",
+            "| server | workers | client processes | source addresses | held/asked | connect s | connect/s | RSS before MB | after MB | KB/conn | PSS KB/conn | per worker | answered/pinged | errors | client KB/conn | client CPU | server CPU | idle server CPU | load avg |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|--:|--:|--:|--:|---|",
+        ]
+        for r in w4:
+            errors = {**r["failures"], **{f"closed:{code}": n for code, n in r["dropped"].items()}}
+            if r["unanswered"]:
+                errors["unanswered"] = r["unanswered"]
+            pss = r["pss_per_connection_kb"]
+            spread = (
+                f"{r['worker_connections_min']:,}-{r['worker_connections_max']:,}"
+                if r["worker_connections_min"] is not None
+                else "-"
+            )
+            loads = "/".join(f"{reading[0]:.1f}" for reading in r["load_average"])
+            idle = f"{r['server_idle_cpu_percent']:.0f}%" if "server_idle_cpu_percent" in r else "-"
+            out.append(
+                f"| {r['server']} | {r['workers']} | {r['client_processes']} | {r['source_addresses']} "
+                f"| {r['held']:,}/{r['connections']:,} | {r['connect_seconds']:.1f} | {r['connect_rate']:,.0f} "
+                f"| {r['rss_before_mb']:,.0f} | {r['rss_after_mb']:,.0f} | {r['rss_per_connection_kb']:.1f} "
+                f"| {'-' if pss is None else f'{pss:.1f}'} | {spread} | {r['answered']:,}/{r['pinged']:,} "
+                f"| {errors_cell(errors)} | {r['client_rss_per_connection_kb']:.1f} | {client_cpu(r)} "
+                f"| {r['server_cpu_percent']:.0f}% | {idle} | {loads} |"
             )
         out.append("")
     w3 = [row for row in rows if row["workload"] == "w3"]

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.servers import cpu_split, open_files_raise, redis_start
-from bench.workloads import w1_pingpong, w2_capacity, w3_fanout, w5_topics, w6_delivery
+from bench.servers import STARTING_CORES, cpu_split, open_files_raise, redis_start
+from bench.workloads import w1_pingpong, w2_capacity, w3_fanout, w4_capacity, w5_topics, w6_delivery
 from tests.processes import RedisServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,6 +47,30 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--w2-connections", type=int, default=10_000)
     parser.add_argument("--w2-servers", default="daphne", help="servers for W2 (default daphne)")
+    parser.add_argument(
+        "--w4-connections", type=int, default=100_000, help="W4 idle connections (not in the default --only)"
+    )
+    parser.add_argument("--w4-servers", default="daphne,uvicorn", help="servers for W4 (the project with --workers)")
+    parser.add_argument(
+        "--w4-workers",
+        type=int,
+        default=None,
+        help="W4 server workers (default ceil(connections / floor(0.8 x RLIMIT_NOFILE)): 7 for 100,000 at 20,000)",
+    )
+    parser.add_argument(
+        "--w4-client-processes", type=int, default=None, help="W4 client processes (default: as --w4-workers)"
+    )
+    parser.add_argument(
+        "--w4-source-addresses",
+        type=int,
+        default=None,
+        help="W4 loopback source addresses (default ceil(connections / 20,000))",
+    )
+    parser.add_argument("--w4-concurrency", type=int, default=50, help="W4 handshakes in flight per client process")
+    parser.add_argument("--w4-answer-seconds", type=float, default=60.0, help="W4 bound on every ping's answer")
+    parser.add_argument(
+        "--w4-connect-seconds", type=float, default=900.0, help="W4: a client process stops opening after this long"
+    )
     parser.add_argument("--w3-clients", type=int, default=4_000)
     parser.add_argument("--w3-nodes", type=int, default=2)
     parser.add_argument("--w3-rate", type=float, default=20.0, help="broadcasts per second")
@@ -86,6 +110,9 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
         options.w2_connections, options.w3_clients, options.w3_seconds, options.w3_drain = 1000, 400, 2.0, 5.0
         options.w5_clients, options.w5_seconds, options.w5_drain = 100, 2.0, 5.0
         options.w6_clients, options.w6_rate, options.w6_seconds, options.w6_node_kills = 40, 20.0, 6.0, 1
+        options.w4_connections = 2_000
+        options.w4_workers, options.w4_client_processes = options.w4_workers or 2, options.w4_client_processes or 2
+        options.w4_source_addresses = options.w4_source_addresses or 2
     return options
 
 
@@ -143,9 +170,14 @@ def machine() -> dict[str, Any]:
 
 
 def steps_plan(
-    options: argparse.Namespace, *, redis_url: str | None, redis: RedisServer | None = None
+    options: argparse.Namespace,
+    *,
+    redis_url: str | None,
+    redis: RedisServer | None = None,
+    every_core: set[int] | None = None,
 ) -> list[tuple[str, Callable[..., dict]]]:
-    """Every (label, call) of this run, in order; `redis` is the run's redis-server (W6 may restart it)."""
+    """Every (label, call) of this run, in order; `redis` is the run's redis-server (W6 may restart it);
+    `every_core` is where W4's server group runs (all the cores the benchmark started with)."""
     only = set(csv(options.only))
     plan: list[tuple[str, Callable[..., dict]]] = []
     apps = csv(options.apps)
@@ -193,6 +225,23 @@ def steps_plan(
                             ),
                         )
                     )  # fmt: skip
+    if "w4" in only:
+        if redis_url is None:
+            print("W4 skipped: redis-server is not installed (--workers needs REDIS_URL)", file=sys.stderr)
+        else:
+            for server in csv(options.w4_servers):
+                plan.append(
+                    (
+                        f"W4 {server} project --workers {options.w4_connections:,} conns",
+                        lambda say, cores, logs, s=server: w4_capacity(
+                            server=s, connections=options.w4_connections, redis_url=redis_url, cores=every_core,
+                            log_dir=logs, say=say, workers=options.w4_workers,
+                            client_processes=options.w4_client_processes,
+                            source_addresses=options.w4_source_addresses, concurrency=options.w4_concurrency,
+                            answer_within=options.w4_answer_seconds, connect_within=options.w4_connect_seconds,
+                        ),
+                    )
+                )  # fmt: skip
     if "w5" in only:
         if redis_url is None:
             print("W5 skipped: redis-server is not installed", file=sys.stderr)
@@ -237,6 +286,13 @@ def summary(row: dict) -> str:
             f"errors {row['errors']}, client CPU {report.client_cpu(row)}"
             + (", cut short by a server limit" if row.get("cut_short") else "")
         )
+    if row["workload"] == "w4":
+        return (
+            f"{row['held']:,}/{row['connections']:,} held on {row['workers']} workers "
+            f"({row['worker_connections_min']}-{row['worker_connections_max']} each), "
+            f"{row['connect_rate']:,.0f} conn/s, {row['rss_per_connection_kb']:.1f} KB/conn, "
+            f"{row['answered']:,}/{row['pinged']:,} answered, errors {row['errors']}, client CPU {report.client_cpu(row)}"
+        )
     if row["workload"] == "w2":
         return (
             f"{row['opened']:,} held, {row['connect_rate']:,.0f} conn/s, {row['rss_per_connection_kb']:.1f} KB/conn, "
@@ -271,6 +327,8 @@ def key_metric(row: dict) -> float:
         return row["messages_per_second"]
     if row["workload"] == "w2":
         return row["connect_rate"]
+    if row["workload"] == "w4":
+        return row["rss_per_connection_kb"]
     return row["latency_ms"]["p99"]
 
 
@@ -321,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     began = time.monotonic()
     try:
-        plan = steps_plan(options, redis_url=redis_url, redis=redis)
+        every_core = set(STARTING_CORES) if server_cores else None
+        plan = steps_plan(options, redis_url=redis_url, redis=redis, every_core=every_core)
         progress = Progress(len(plan) * options.repeat)
         for _ in range(options.repeat):
             for label, call in plan:
@@ -332,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                     progress.end(f"FAILED: {type(error).__name__}: {error}")
                     failures.append(f"{label}: {type(error).__name__}: {error}")
                     continue
-                uses_redis = (redis_url and not options.no_redis) or row["workload"] in ("w3", "w5", "w6")
+                uses_redis = (redis_url and not options.no_redis) or row["workload"] in ("w3", "w4", "w5", "w6")
                 row["channel_layer"] = "redis pub/sub" if uses_redis else "in-memory"
                 runs.setdefault(label, []).append(row)
                 progress.end(summary(row))

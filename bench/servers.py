@@ -8,10 +8,11 @@ bounded start, one kill), so the benchmark and the suite start servers one way.
 import os
 import resource
 import shutil
+import signal
 import sys
 from pathlib import Path
 
-from tests.processes import LOOPBACK, RedisServer, ServerProcess, healthy, rss_bytes
+from tests.processes import LOOPBACK, WORKER_STARTED, RedisServer, ServerProcess, healthy, rss_bytes
 
 __all__ = ["LOOPBACK", "ServerProcess", "rss_bytes"]  # re-exported for the workloads
 
@@ -30,6 +31,8 @@ APPS = {
     "rawfanout": "bench.fanout:application",
 }
 SERVERS = ("daphne", "uvicorn")
+#: The cores this process could use when the benchmark started, before it pinned itself to the client core.
+STARTING_CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 
 
 def cpu_split() -> tuple[set[int] | None, set[int] | None]:
@@ -90,9 +93,17 @@ def server_env(*, redis_url: str | None, app: str = "project") -> dict[str, str]
     return env
 
 
-def server_argv(*, app: str, server: str, port: int) -> list[str]:
-    """The command line serving `app` on `server`; the project is `manage.py serve [--server uvicorn]`,
-    the other apps run on the servers' own command lines (uvicorn with the project's choices)."""
+def server_argv(*, app: str, server: str, port: int, workers: int = 1) -> list[str]:
+    """The command line serving `app` on `server`; the project is `manage.py serve [--server uvicorn]`
+    (`--workers N` for more than one), the other apps run on the servers' own command lines (uvicorn
+    with the project's choices)."""
+    if workers != 1:
+        if not app.startswith("project"):
+            raise ValueError(f"only the project runs with --workers, not {app!r}")
+        return [
+            sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port), "--server", server,
+            "--workers", str(workers),
+        ]  # fmt: skip
     if server == "daphne":
         if app.startswith("project"):
             return [sys.executable, "manage.py", "serve", "--host", LOOPBACK, "--port", str(port)]
@@ -119,6 +130,35 @@ def server_argv(*, app: str, server: str, port: int) -> list[str]:
     raise ValueError(f"unknown server {server!r}")
 
 
+class ServerGroup(ServerProcess):
+    """`manage.py serve --workers N`: the supervisor's process and the workers it logs starting.
+
+    The workers are in process groups of their own, so killing the supervisor alone would leave them
+    draining (their parent-death signal is SIGTERM): `kill` SIGKILLs every one of them too.
+    """
+
+    def __init__(self, *args, workers: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.workers = workers
+
+    def worker_pids(self) -> list[int]:
+        """The pid of each worker index, the latest started (from the supervisor's log)."""
+        return list({int(index): int(pid) for index, pid in WORKER_STARTED.findall(self.output())}.values())
+
+    def pids(self) -> list[int]:
+        """The supervisor and every worker."""
+        return [self.pid, *self.worker_pids()]
+
+    def kill(self) -> None:
+        super().kill()
+        for pid in self.worker_pids():
+            try:
+                if b"--worker-index" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def app_start(
     *,
     app: str,
@@ -127,15 +167,42 @@ def app_start(
     cores: set[int] | None,
     log_dir: Path,
     env: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> ServerProcess:
-    """Start one app on one server on an ephemeral port, pinned to `cores`; ready when /healthz answers.
+    """Start one app on one server on an ephemeral port, pinned to `cores`; ready when /healthz answers
+    (with `workers` above 1, a ServerGroup, ready once every worker listens).
 
     `env` adds to (or overrides) the common settings, e.g. W6's namespaces.
     """
+
+    def command(port: int) -> list[str]:
+        return pin_prefix(cores) + server_argv(app=app, server=server, port=port, workers=workers)
+
+    environment = {**server_env(redis_url=redis_url, app=app), **(env or {})}
+    process: ServerProcess
+    if workers != 1:
+        process = ServerGroup(
+            command,
+            name=f"{server}-{app}",
+            env=environment,
+            ready=lambda started: (
+                started.output().count("listening on http://") >= workers
+                and healthy(f"http://{LOOPBACK}:{started.port}")
+            ),
+            log_dir=log_dir,
+            workers=workers,
+        )
+        try:
+            # Each worker imports Django and the server on its own: on two cores, seven of them take a while.
+            process.start(timeout=30 + 10 * workers)
+        except BaseException:
+            process.stop()  # the supervisor may have started workers before one failed
+            raise
+        return process
     process = ServerProcess(
-        lambda port: pin_prefix(cores) + server_argv(app=app, server=server, port=port),
+        command,
         name=f"{server}-{app}",
-        env={**server_env(redis_url=redis_url, app=app), **(env or {})},
+        env=environment,
         ready=lambda started: healthy(f"http://{LOOPBACK}:{started.port}"),
         # daphne's own CLI (baseline, stock, rawfanout) runs under the project's logging settings,
         # which silence its "Listening on" line: it gets a port probed free instead of port 0.

@@ -1,12 +1,13 @@
 """The workloads. Each starts its own servers, measures, stops them, and returns one row.
 
 W1 uses the `loadtest` command's own code (bench.loadgen); W2 reuses its connection
-helpers; W3 and W5 use bench.fanclient, a receive-mostly client cheap enough for 80,000 frames/s;
+helpers; W4 is bench.capacity's client processes; W3 and W5 use bench.fanclient, a receive-mostly client cheap enough for 80,000 frames/s;
 W6 is the delivery checker (bench.delivery), on the same client.
 """
 
 import asyncio
 import json
+import os
 import random
 import time
 import uuid
@@ -15,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sized
 from pathlib import Path
 from typing import Any
 
-from bench import delivery, loadgen
+from bench import capacity, delivery, loadgen
 from bench.fanclient import FanoutClient, fanout_client_open
 from bench.loadgen import (
     CONNECT_CONCURRENCY,
@@ -27,7 +28,16 @@ from bench.loadgen import (
     failure_name,
     percentiles,
 )
-from bench.servers import LOOPBACK, TOKEN, TOKEN_SECRET, ServerProcess, app_start, process_cpu_seconds, rss_bytes
+from bench.servers import (
+    LOOPBACK,
+    TOKEN,
+    TOKEN_SECRET,
+    ServerGroup,
+    ServerProcess,
+    app_start,
+    process_cpu_seconds,
+    rss_bytes,
+)
 from pingpong import protocol
 from tests.processes import RedisServer
 
@@ -223,6 +233,158 @@ def w2_capacity(
         return run_async(_w2_client(process, connections, say))
     finally:
         process.stop()
+
+
+async def _w4_warm_up(process: ServerProcess, count: int) -> None:
+    """A few connections that each ping once, then abort: every worker's handshake path imported before RSS is read."""
+    clients = []
+    try:
+        for _ in range(count):
+            clients.append(
+                await capacity.hold_open(
+                    host=LOOPBACK, port=process.port, path="/ws/", origin=origin(process), source=None
+                )
+            )
+        for client in clients:
+            client.send_text(protocol.PING)
+        if clients:
+            await asyncio.wait([client.settled for client in clients], timeout=30)
+    finally:
+        for client in clients:
+            client.abort()
+
+
+def w4_capacity(
+    *,
+    server: str,
+    connections: int,
+    redis_url: str,
+    cores,
+    log_dir: Path,
+    say: Say,
+    workers: int | None = None,
+    client_processes: int | None = None,
+    source_addresses: int | None = None,
+    concurrency: int = capacity.CONCURRENCY,
+    answer_within: float = 60.0,
+    connect_within: float = capacity.PHASE_TIMEOUT,
+    settle: float = 2.0,
+) -> Row:
+    """Hold `connections` idle on one `manage.py serve --workers N` process group (the project on `server`,
+    pinned to `cores`, None: not pinned) from several client processes and loopback source addresses:
+    connect rate, the group's RSS (and PSS) per connection, every connection's `ping` answered within
+    `answer_within` s, the spread over the workers. A client process stops opening after `connect_within` s. Counts left None are planned from RLIMIT_NOFILE
+    (bench.capacity.plan_make)."""
+    plan = capacity.plan_make(
+        connections=connections, open_files=capacity.open_files_limit(), workers=workers,
+        client_processes=client_processes, source_addresses=source_addresses, concurrency=concurrency,
+        ports=capacity.ephemeral_ports(),
+    )  # fmt: skip
+    load = [os.getloadavg()]
+    say(f"starting {plan.workers} workers")
+    process = app_start(
+        app="project", server=server, redis_url=redis_url, cores=cores, log_dir=log_dir, workers=plan.workers
+    )
+    try:
+        pids = process.pids() if isinstance(process, ServerGroup) else [process.pid]
+        run_async(_w4_warm_up(process, 2 * plan.workers))
+        time.sleep(settle)
+        before = capacity.group_memory(pids)
+        cpu = {"start": sum(process_cpu_seconds(pid) for pid in pids)}
+        wall = {"start": time.monotonic()}
+
+        def on_held() -> dict[str, Any]:
+            cpu["held"], wall["held"] = sum(process_cpu_seconds(pid) for pid in pids), time.monotonic()
+            time.sleep(settle)  # let the workers settle before reading their RSS
+            # What holding idle connections costs: the group's CPU over the settle window (server pings, timers).
+            cpu["settled"], wall["settled"] = sum(process_cpu_seconds(pid) for pid in pids), time.monotonic()
+            load.append(os.getloadavg())
+            return {"memory": capacity.group_memory(pids), "spread": capacity.worker_connections(process.port)}
+
+        def on_answered() -> dict[str, Any]:
+            cpu["answered"], wall["answered"] = sum(process_cpu_seconds(pid) for pid in pids), time.monotonic()
+            return {}
+
+        parts = capacity.parts_plan(
+            host=LOOPBACK, port=process.port, path="/ws/", origin=origin(process), plan=plan,
+            answer_within=answer_within, connect_within=connect_within,
+        )  # fmt: skip
+        result = capacity.clients_run(parts, say=say, on_held=on_held, on_answered=on_answered)
+        load.append(os.getloadavg())
+        restarted = isinstance(process, ServerGroup) and sorted(process.worker_pids()) != sorted(pids[1:])
+    finally:
+        process.stop()
+    after, spread = result.held_measured["memory"], result.held_measured["spread"]
+    dropped = sum(result.dropped.values())
+    held = result.opened - dropped
+    grown = max(1, result.opened)
+    of_cores, _, _, bound = loadgen.client_load(
+        cpu_seconds=result.connect_cpu_seconds, seconds=result.connect_seconds, cpus=loadgen.usable_cpus(),
+        machine_cpus=os.cpu_count() or 1,
+    )  # fmt: skip
+    connect_wall = wall["held"] - wall["start"]
+    rss_by_worker = {pid: rss for pid, rss in after["rss_by_pid"].items() if pid != pids[0]}
+    workers_detail = [
+        {
+            "pid": pid,
+            "rss_mb": round(rss / 2**20, 1),
+            "connections": next((n for name, n in spread.items() if name.endswith(f"-{pid}")), None),
+        }
+        for pid, rss in rss_by_worker.items()
+    ]
+    counts = [worker["connections"] for worker in workers_detail if worker["connections"] is not None]
+    return {
+        "workload": "w4",
+        "app": "project",
+        "server": server,
+        "connections": connections,
+        "workers": plan.workers,
+        "client_processes": plan.client_processes,
+        "source_addresses": plan.source_addresses,
+        "concurrency": plan.concurrency * plan.client_processes,  # handshakes in flight, every client process
+        "connect_within": connect_within,
+        "open_files_limit": plan.open_files_limit,
+        "per_process_limit": plan.per_process_limit,
+        "kernel": capacity.kernel_limits(),
+        "opened": result.opened,
+        "held": held,
+        "failed": sum(result.failures.values()),
+        "failures": result.failures,
+        "connect_seconds": round(result.connect_seconds, 3),
+        "connect_rate": round(result.opened / result.connect_seconds, 1) if result.connect_seconds else 0.0,
+        "rss_before_mb": round(before["rss"] / 2**20, 1),
+        "rss_after_mb": round(after["rss"] / 2**20, 1),
+        "pss_before_mb": round(before["pss"] / 2**20, 1) if before["pss"] is not None else None,
+        "pss_after_mb": round(after["pss"] / 2**20, 1) if after["pss"] is not None else None,
+        "rss_per_connection_kb": round((after["rss"] - before["rss"]) / 1024 / grown, 2),
+        "pss_per_connection_kb": round((after["pss"] - before["pss"]) / 1024 / grown, 2)
+        if before["pss"] is not None and after["pss"] is not None
+        else None,
+        "supervisor_rss_mb": round(after["rss_by_pid"].get(pids[0], 0) / 2**20, 1),
+        "worker_detail": workers_detail,
+        "worker_connections_min": min(counts, default=None),
+        "worker_connections_max": max(counts, default=None),
+        "worker_restarted": restarted,
+        "pinged": result.pinged,
+        "answered": result.answered,
+        "unanswered": result.unanswered,
+        "dropped": result.dropped,
+        "wrong_answers": result.wrong,
+        "answer_seconds": round(result.answer_seconds, 3),
+        "errors": sum(result.failures.values()) + dropped + result.unanswered,
+        "client_cpu_percent": of_cores,  # of the cores the client could use
+        "client_bound": bound,
+        "client_rss_mb": round(result.client_rss_after / 2**20, 1),
+        "client_rss_per_connection_kb": round((result.client_rss_after - result.client_rss_before) / 1024 / grown, 2),
+        # The group's CPU while connecting, as a share of one core (up to 100 x cores), and per connection.
+        "server_cpu_percent": round(100 * (cpu["held"] - cpu["start"]) / connect_wall, 1) if connect_wall else 0.0,
+        "server_us_per_connection": round(1e6 * (cpu["held"] - cpu["start"]) / grown, 1),
+        "server_idle_cpu_percent": round(100 * (cpu["settled"] - cpu["held"]) / (wall["settled"] - wall["held"]), 1),
+        "server_cpu_ping_seconds": round(cpu["answered"] - cpu["settled"], 2),
+        "load_average": [[round(value, 2) for value in reading] for reading in load],
+        "server_cores": sorted(cores) if cores else None,
+        "client_cores": sorted(os.sched_getaffinity(0)),
+    }
 
 
 async def api_post(port: int, path: str, payload: dict[str, Any]) -> tuple[int, bytes]:

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench import report
+from bench import capacity, report
 from bench.run import main
 from bench.servers import cpu_split
-from bench.workloads import W5Deliveries, w1_pingpong, w2_capacity, w3_fanout, w5_topics, w6_delivery
+from bench.workloads import W5Deliveries, w1_pingpong, w2_capacity, w3_fanout, w4_capacity, w5_topics, w6_delivery
 from tests.processes import scaled
 
 
@@ -45,6 +45,32 @@ def test_w2_on_the_project_holds_every_connection_and_each_answers(logs):
     )
     assert (row["opened"], row["answered"], row["errors"]) == (20, 20, 0)
     assert row["rss_after_mb"] > 0
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_w4_holds_every_connection_on_a_worker_group_and_each_answers_ping(redis_server, logs):
+    """W4 at a tiny size: 2 workers, 2 client processes, 2 source addresses; all held, all answered, both workers used."""
+    row = w4_capacity(
+        server="daphne", connections=300, workers=2, client_processes=2, source_addresses=2,
+        redis_url=redis_server.url, cores=None, log_dir=logs, say=quiet, settle=0.5,
+    )  # fmt: skip
+    assert (row["workload"], row["workers"], row["client_processes"], row["source_addresses"]) == ("w4", 2, 2, 2)
+    assert (row["opened"], row["held"], row["answered"], row["errors"]) == (300, 300, 300, 0)
+    assert sum(worker["connections"] for worker in row["worker_detail"]) == 300
+    assert row["worker_connections_min"] > 0 and not row["worker_restarted"]
+    assert row["rss_after_mb"] > row["rss_before_mb"] > 0
+    assert "| daphne | 2 | 2 | 2 | 300/300 | " in report.table([row])
+
+
+def test_w4_plans_workers_clients_and_source_addresses_from_the_open_file_limit():
+    """100,000 connections at a 20,000 open-file limit: 16,000 a process, so 7 workers, 7 clients, 5 addresses."""
+    plan = capacity.plan_make(connections=100_000, open_files=20_000)
+    assert (plan.per_process_limit, plan.workers, plan.client_processes, plan.source_addresses) == (16_000, 7, 7, 5)
+    with pytest.raises(capacity.PlanError, match="at least 7"):
+        capacity.plan_make(connections=100_000, open_files=20_000, workers=5)
+    with pytest.raises(capacity.PlanError, match="ip_local_port_range"):
+        capacity.plan_make(connections=100_000, open_files=20_000, source_addresses=3)
 
 
 @pytest.mark.redis
