@@ -374,16 +374,20 @@ async def connections_open(
     counters: Counter[str] | None = None,
     sources: Sequence[str | None] = (None,),
     first_index: int = 0,
-) -> tuple[list[ClientConnection], Counter[str]]:
+    opener: Callable[..., Awaitable[Any]] | None = None,
+    failure: Callable[[BaseException], str] = failure_name,
+) -> tuple[list[Any], Counter[str]]:
     """Open `count` connections, spread over `ramp_up` seconds; the open ones and failure counts.
 
     Connection `first_index + i` binds to `sources[(first_index + i) % len(sources)]`, so the
-    processes of one run share the source addresses evenly.
+    processes of one run share the source addresses evenly. `opener(url, origin=, source=)` opens
+    one (`connection_open`, a websockets client, by default) and `failure` names why one failed.
     """
+    opener = opener or connection_open
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     started = loop.time()
-    opened: list[ClientConnection] = []
+    opened: list[Any] = []
     failures: Counter[str] = counters if counters is not None else Counter()
 
     async def one(index: int) -> None:
@@ -392,9 +396,9 @@ async def connections_open(
         async with gate:
             try:
                 source = sources[(first_index + index) % len(sources)]
-                ws = await connection_open(url, origin=origin, source=source)
+                ws = await opener(url, origin=origin, source=source)
             except Exception as error:
-                failures[failure_name(error)] += 1
+                failures[failure(error)] += 1
                 return
         opened.append(ws)
         if opened_callback is not None:

@@ -9,12 +9,13 @@ merge and the report are shared.
 """
 
 import asyncio
+import functools
 import logging
 import math
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from picows import WSCloseCode, WSFrame, WSInvalidStatusError, WSListener, WSMsgType, WSTransport, ws_connect
@@ -184,46 +185,19 @@ def failure_name(error: BaseException) -> str:
     return loadgen.failure_name(error)
 
 
-async def connections_open(
-    url: str,
-    *,
-    count: int,
-    origin: str,
-    ramp_up: float = 0.0,
-    concurrency: int = loadgen.CONNECT_CONCURRENCY,
-    opened_callback: Callable[[Any], None] | None = None,
-    counters: Counter[str] | None = None,
-    sources: Sequence[str | None] = (None,),
-    first_index: int = 0,
-) -> tuple[list[Connection], Counter[str]]:
-    """Open `count` connections as loadgen.connections_open does (same spread, gate and source addresses)."""
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(concurrency)
-    started = loop.time()
-    opened: list[Connection] = []
-    failures: Counter[str] = counters if counters is not None else Counter()
+async def connection_open(url: str, *, origin: str, source: str | None = None) -> Connection:
+    """One picows connection with the options of loadgen.connection_open (no compression, no keepalive)."""
+    extra: dict[str, Any] = {"local_addr": (source, 0)} if source is not None else {}
+    _, connection = await ws_connect(
+        Connection, url, extra_headers={"Origin": origin}, max_frame_size=2**20,
+        websocket_handshake_timeout=loadgen.OPEN_TIMEOUT, **extra,
+    )  # fmt: skip
+    assert isinstance(connection, Connection)
+    return connection
 
-    async def one(index: int) -> None:
-        if ramp_up > 0:
-            await asyncio.sleep(max(0.0, started + ramp_up * index / count - loop.time()))
-        source = sources[(first_index + index) % len(sources)]
-        extra: dict[str, Any] = {"local_addr": (source, 0)} if source is not None else {}
-        async with gate:
-            try:
-                _, connection = await ws_connect(
-                    Connection, url, extra_headers={"Origin": origin}, max_frame_size=2**20,
-                    websocket_handshake_timeout=loadgen.OPEN_TIMEOUT, **extra,
-                )  # fmt: skip
-            except Exception as error:
-                failures[failure_name(error)] += 1
-                return
-        assert isinstance(connection, Connection)
-        opened.append(connection)
-        if opened_callback is not None:
-            opened_callback(connection)
 
-    await asyncio.gather(*(one(index) for index in range(count)))
-    return opened, failures
+#: loadgen.connections_open with picows connections: the same spread, gate and source addresses.
+connections_open = functools.partial(loadgen.connections_open, opener=connection_open, failure=failure_name)
 
 
 async def connections_close(connections: Sequence[Connection], *, within: float = loadgen.FINISH_TIMEOUT) -> None:
