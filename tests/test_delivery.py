@@ -7,11 +7,12 @@ import json
 import pytest
 
 from bench.delivery import SequenceCheck, delivery_run
-from tests.processes import scaled
+from tests.processes import SERVERS, scaled
 
 TOKEN = "delivery-api-token"
 # Room for every publication of a run: a client away longer than the history is told "recovered: false"
 # legitimately, and these runs expect none while Redis keeps its data.
+on_both_servers = pytest.mark.parametrize("server", SERVERS)
 NAMESPACES = {"public": {"subscribe": "anyone", "publish": "server", "history_size": 10_000, "history_ttl": 600}}
 
 
@@ -93,6 +94,7 @@ def test_the_checker_accepts_recovered_false_and_a_new_epoch_as_told_and_counts_
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_every_client_gets_every_publication_exactly_once_through_drops_and_a_node_sigkill(two_nodes):
     """30 clients, 20 publications/s for 8 s from 4 publishers, clean closes, aborts and a SIGKILLed node:
     no gap, no duplicate, no `recovered: false`, and every client ends at the last offset."""
@@ -120,6 +122,7 @@ async def test_every_client_gets_every_publication_exactly_once_through_drops_an
 
 @pytest.mark.redis
 @pytest.mark.slow
+@on_both_servers
 async def test_after_a_redis_restart_clients_are_told_recovered_false_and_publishing_resumes(redis_server, two_nodes):
     """Redis restarted mid-run (history lost): every subscribe with a `since` from before is answered
     `recovered: false` in a new epoch, no client sees a gap or a duplicate within an epoch, and a
