@@ -41,10 +41,8 @@ API_TOKEN = "e2e-api-token"
 MAX_SUBSCRIPTIONS = 3
 MARKER_TOPIC = "public:x"  # every connection of a routing test subscribes to it
 
-# Every test that goes through the server runs on daphne and on uvicorn; those that prove a publisher
-# outside it (a worker process, the command) on daphne only.
+# Every test runs on daphne and on uvicorn (the subscribers are on the server under test).
 both_servers = pytest.mark.parametrize("server", SERVERS, scope="module")
-daphne_only = pytest.mark.parametrize("server", ["daphne"], scope="module")
 
 
 @dataclass
@@ -300,7 +298,7 @@ def redis_clients_named(server: RedisServer, name: str) -> int:
         return sum(1 for entry in client.client_list() if entry.get("name") == name)
 
 
-@daphne_only
+@both_servers
 async def test_a_worker_process_publishes_fifty_times_in_a_row_on_one_redis_connection_and_all_arrive(cluster):
     count, topic = 50, "public:worker"
     connections = [await connect(node) for node in cluster.nodes]
@@ -342,7 +340,7 @@ async def test_a_worker_process_publishes_fifty_times_in_a_row_on_one_redis_conn
         await close_all(connections)
 
 
-@daphne_only
+@both_servers
 async def test_manage_py_publish_delivers_to_subscribers_on_both_nodes(cluster):
     connections = [await connect(node) for node in cluster.nodes]
     try:
