@@ -441,8 +441,8 @@ def client_kit(client: str) -> Any:
     raise LoadgenError(f"--client must be one of {', '.join(CLIENTS)}, not {client!r}.")
 
 
-class Loops:
-    """The closed loops of one process: counters the loops update and the progress reads."""
+class LoopCounters:
+    """What the closed loops of one process count and the flags the run sets (both clients' Loops)."""
 
     def __init__(self, *, rate: float) -> None:
         self.rate = rate
@@ -453,7 +453,14 @@ class Loops:
         self.close_codes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.wrong: str | None = None
-        self.stopped = asyncio.Event()
+        self.stopped = asyncio.Event()  # a wrong answer: the run is over
+
+
+class Loops(LoopCounters):
+    """The closed loops of one process on `websockets`: a task per connection."""
+
+    def __init__(self, *, rate: float) -> None:
+        super().__init__(rate=rate)
         self.tasks: list[asyncio.Task[None]] = []
 
     @property

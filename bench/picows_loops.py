@@ -11,10 +11,7 @@ merge and the report are shared.
 import asyncio
 import functools
 import logging
-import math
 import time
-from array import array
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,23 +71,15 @@ class Connection(WSListener):
             self.loops.gone(self)
 
 
-class Loops:
+class Loops(loadgen.LoopCounters):
     """The closed loops of one process, driven by frame callbacks; the interface of loadgen.Loops."""
 
     def __init__(self, *, rate: float) -> None:
-        self.rate = rate
+        super().__init__(rate=rate)
         self.interval = 1.0 / rate if rate > 0 else 0.0
-        self.measuring_from = math.inf
-        self.stop = False
-        self.rtts: array[float] = array("d")
-        self.messages = 0
-        self.close_codes: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.wrong: str | None = None
         self.connections: list[Connection] = []
         self.open = 0
         self.waiting = 0
-        self.stopped = asyncio.Event()  # a wrong answer: the run is over
         self.all_gone = asyncio.Event()  # every connection closed
         self.idle = asyncio.Event()  # stopping, and no ping is waiting for its answer
 
