@@ -10,7 +10,7 @@ import pytest
 from redis import asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pingpong.layers import PingpongPubSubChannelLayer, PingpongShard, glob_escape
+from pingpong.layers import PingpongPubSubChannelLayer, PingpongShard, _LocalQueue, glob_escape
 from tests.processes import ROOT, scaled
 
 pytestmark = pytest.mark.redis
@@ -397,3 +397,50 @@ async def test_a_first_group_add_whose_subscriber_connection_is_killed_completes
     finally:
         reading.set()
         await client.aclose()
+
+
+# A consumer channel's queue (no Redis needed)
+
+
+class NoDecoding:
+    def decode_shared(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+async def test_a_channel_queue_holds_nothing_until_its_first_message_and_decodes_group_payloads():
+    queue = _LocalQueue(NoDecoding())  # type: ignore[arg-type]
+    assert queue._items is None and queue.qsize() == 0
+    queue.put_nowait(b'{"type": "broadcast.message"}')
+    queue.put_nowait({"type": "direct"})
+    assert [await queue.get(), await queue.get()] == [{"type": "broadcast.message"}, {"type": "direct"}]
+
+
+async def test_a_channel_queue_wakes_its_receivers_in_order_one_message_each():
+    queue = _LocalQueue(NoDecoding())  # type: ignore[arg-type]
+    first, second = asyncio.ensure_future(queue.get()), asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait({"n": 1})
+    queue.put_nowait({"n": 2})
+    assert await asyncio.gather(first, second) == [{"n": 1}, {"n": 2}]
+    assert queue._waiters == []
+
+
+async def test_a_receiver_cancelled_as_it_is_woken_passes_the_message_to_the_next():
+    queue = _LocalQueue(NoDecoding())  # type: ignore[arg-type]
+    first, second = asyncio.ensure_future(queue.get()), asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait({"n": 1})  # wakes the first receiver...
+    first.cancel()  # ...which is cancelled before it runs
+    assert await asyncio.wait_for(second, scaled(2)) == {"n": 1}
+    assert first.cancelled() and queue._waiters == [] and queue.qsize() == 0
+
+
+async def test_a_cancelled_receiver_leaves_no_waiter_behind():
+    queue = _LocalQueue(NoDecoding())  # type: ignore[arg-type]
+    receiver = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    receiver.cancel()
+    await asyncio.gather(receiver, return_exceptions=True)
+    assert queue._waiters == []
+    queue.put_nowait({"n": 1})
+    assert await queue.get() == {"n": 1}
