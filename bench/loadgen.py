@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import queue
 import resource
+import sys
 import time
 from array import array
 from collections import Counter
@@ -429,8 +430,6 @@ CLIENTS = ("websockets", "picows")
 def client_kit(client: str) -> Any:
     """The module whose `Loops`, `connections_open` and `connections_close` drive `client`'s connections."""
     if client == "websockets":
-        import sys
-
         return sys.modules[__name__]
     if client == "picows":
         try:
@@ -662,7 +661,9 @@ def plans_for(
     return plans
 
 
-def merge(parts: Sequence[Part], *, url: str, connections: int, source_addresses: int) -> Result:
+def merge(
+    parts: Sequence[Part], *, url: str, connections: int, source_addresses: int, client: str = "websockets"
+) -> Result:
     """One Result from every process's Part: counts summed, percentiles over every RTT sample."""
     seconds = max(part.seconds for part in parts)
     rtts: array[float] = array("d")
@@ -703,6 +704,7 @@ def merge(parts: Sequence[Part], *, url: str, connections: int, source_addresses
         source_addresses=source_addresses,
         cut_short=cut_short,
         failures=dict(failures),
+        client=client,
     )
 
 
@@ -747,9 +749,7 @@ def run(
             parts = [runner.run(run_part(plans[0], edge=edge, progress=progress))]
     if len(plans) > 1:
         parts = run_processes(plans, progress=progress, window=window)
-    result = merge(parts, url=url, connections=connections, source_addresses=source_addresses)
-    result.client = client
-    return result
+    return merge(parts, url=url, connections=connections, source_addresses=source_addresses, client=client)
 
 
 PHASES = ("connecting", "warming up", "running")

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import loadgen, report
 from bench.servers import STARTING_CORES, cpu_split, open_files_raise, redis_start
 from bench.workloads import w1_pingpong, w2_capacity, w3_fanout, w4_capacity, w5_topics, w6_delivery
 from tests.processes import RedisServer
@@ -43,7 +43,7 @@ def options_parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--source-addresses", type=int, default=1, help="W1 client source addresses 127.0.0.1 ... 127.0.0.N"
     )
     parser.add_argument(
-        "--client", default="picows", choices=("picows", "websockets"), help="W1 client library (default picows)"
+        "--client", default="picows", choices=loadgen.CLIENTS, help="W1 client library (default picows)"
     )
     parser.add_argument("--w2-connections", type=int, default=10_000)
     parser.add_argument("--w2-servers", default="daphne", help="servers for W2 (default daphne)")
