@@ -90,8 +90,8 @@ def test_a_client_that_reads_keeps_its_connection_under_the_cap(daphne_nodes):
 
 
 @pytest.mark.slow
-# 30 s by design: on daphne only (uvicorn's figure, +8.9 MB, is in the README; its cap is proven by the
-# fast tests above on both servers), so CI stays short.
+@on_both_servers
+# 30 s by design, on each server.
 async def test_twenty_non_readers_sending_60_kib_pings_are_all_closed_within_100_mb(daphne_nodes):
     """The issue's attack: 20 non-readers (half on /ws/echo/) sending 60 KiB at 15/s for 30 s grow RSS under 100 MB."""
     node = daphne_nodes()
@@ -212,8 +212,9 @@ class BroadcastReaders:
         return pings
 
 
-# Over a minute by design: on daphne only, to keep CI short (uvicorn measured +15.3 MB peak, in the README).
+# Over a minute by design, on each server.
 @pytest.mark.slow
+@on_both_servers
 def test_fifty_non_readers_in_a_broadcast_storm_cost_under_150_mb_and_normal_clients_get_everything(daphne_nodes):
     """50 non-readers + 50 readers, 2,000 x 16 KiB broadcasts: RSS under +150 MB, back within 50 MB, exactly once."""
     node = daphne_nodes({"PINGPONG_BROADCAST_TOKEN": TOKEN})
