@@ -91,12 +91,12 @@ _PARSER_LOOP: Final = Protocol.parse.__code__
 _PARSER_IDLE: Final = StreamReader.at_eof.__code__
 
 
-def client_messages(data: bytes, max_size: int) -> tuple[list[Any], int]:
+def client_messages(data: bytes, max_size: int | None) -> tuple[list[Any], int]:
     """The ASGI receive events of the whole, final, masked text and binary frames at the front of
     `data`, and the bytes they took.
 
     Stops at the first frame that is anything else (a control frame, a fragment, reserved bits set,
-    unmasked, a 64-bit length, over `max_size`, incomplete, or text that is not UTF-8), so websockets
+    unmasked, a 64-bit length, over `max_size` (None: no limit), incomplete, or text that is not UTF-8), so websockets
     parses it and answers as it always has.
     """
     messages: list[Any] = []  # websocket.receive events
@@ -111,7 +111,7 @@ def client_messages(data: bytes, max_size: int) -> tuple[list[Any], int]:
         elif length == 127:
             break
         payload_at = mask_at + 4
-        if length > max_size or end - payload_at < length:
+        if end - payload_at < length or (max_size is not None and length > max_size):
             break
         payload = apply_mask(data[payload_at : payload_at + length], data[mask_at:payload_at])
         if first == 0x81:
@@ -136,11 +136,10 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.close_timeout = CLOSE_HANDSHAKE_SECONDS
         self.between_frames = False  # websockets' parser waits for a new frame, nothing buffered
-        self.max_message = self.conn.max_message_size or 1 << 62
 
     def data_received(self, data: bytes) -> None:
         if self.between_frames and self.conn.state is State.OPEN and not self.close_sent:
-            messages, taken = client_messages(data, self.max_message)
+            messages, taken = client_messages(data, self.conn.max_message_size)
             if messages:
                 for message in messages:
                     self.queue.put_nowait(message)
@@ -212,10 +211,8 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
             payload, opcode = text.encode(), OPCODE_TEXT
         else:
             return
-        if self.conn.extensions:  # never, as built (no compression); websockets' path if one is added
-            (self.conn.send_binary if opcode == OPCODE_BINARY else self.conn.send_text)(payload)
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            return
+        # Uncompressed (RSV1 clear) even if permessage-deflate were ever negotiated: RFC 7692 lets a
+        # sender leave any message uncompressed. As built, no extension is (the corpus checks it).
         self.transport.write(frame_header(opcode, len(payload)) + payload)
 
     def close_slow_consumer(self, pending: int) -> None:

@@ -155,6 +155,24 @@ def raw_frames(*frames: bytes, path: str = "/ws/", then_close: bool = False, ski
     return probe
 
 
+def raw_pieces(*pieces: bytes, answers: int, path: str = "/ws/") -> Probe:
+    """Open a websocket by hand, send `pieces` 50 ms apart (one TCP write each), read `answers` data
+    frames; then `open` if the connection still answers a ping."""
+
+    def probe(node: DaphneNode) -> str:
+        with RawClient(node.port) as client:
+            client.open(path=path)
+            for piece in pieces:
+                client.send(piece)
+                time.sleep(0.05)
+            parts = [frames_summary([client.data_frame_read()], closed=False) for _ in range(answers)]
+            client.send(frame_encode(opcode=OP_TEXT, payload=b"ping"))
+            parts.append("open" if client.data_frame_read().payload == b"pong!" else "not answered")
+            return ", ".join(parts)
+
+    return probe
+
+
 def ws_client(node: DaphneNode, path: str = "/ws/") -> ClientConnection:
     return ws_connect_sync(f"ws://{LOOPBACK}:{node.port}{path}", close_timeout=2)
 
@@ -410,6 +428,10 @@ def request(**fields: object) -> str:
     return json.dumps(fields)
 
 
+def split_at(data: bytes, at: int) -> tuple[bytes, bytes]:
+    return data[:at], data[at:]
+
+
 def deep_json(depth: int) -> str:
     return '{"a":' + "[" * depth + "]" * depth + "}"
 
@@ -475,6 +497,44 @@ ROWS = [
     ),
     Row(
         "invalid UTF-8 text", raw_frames(frame_encode(opcode=OP_TEXT, payload=b"\xff\xfeping")), "close 1007 | dropped"
+    ),
+    # Frames in one write, and one frame across writes (uvicorn reads whole frames itself between them).
+    Row(
+        "ten pings in one write",
+        raw_pieces(frame_encode(opcode=OP_TEXT, payload=b"ping") * 10, answers=10),
+        ", ".join(["pong!"] * 10 + ["open"]),
+    ),
+    Row(
+        "a ping cut inside its header",
+        raw_pieces(*split_at(frame_encode(opcode=OP_TEXT, payload=b"ping"), 1), answers=1),
+        "pong!, open",
+    ),
+    Row(
+        "a ping cut inside its mask",
+        raw_pieces(*split_at(frame_encode(opcode=OP_TEXT, payload=b"ping"), 4), answers=1),
+        "pong!, open",
+    ),
+    Row(
+        "a 16-bit length cut in half, then a ping in the same write as its end",
+        raw_pieces(
+            *split_at(
+                frame_encode(opcode=OP_TEXT, payload=request(type="ping", id="x" * 200).encode())
+                + frame_encode(opcode=OP_TEXT, payload=b"ping"),
+                3,
+            ),
+            answers=2,
+        ),
+        "pong, pong!, open",
+    ),
+    Row(
+        "a protocol ping between two text pings in one write",
+        raw_pieces(
+            frame_encode(opcode=OP_TEXT, payload=b"ping")
+            + frame_encode(opcode=OP_PING, payload=b"hi")
+            + frame_encode(opcode=OP_TEXT, payload=b"ping"),
+            answers=2,
+        ),
+        "pong!, pong!, open",
     ),
     Row(
         "invalid UTF-8 split across fragments",

@@ -97,6 +97,11 @@ def test_reading_stops_at_a_frame_only_websockets_may_parse(stopper):
     assert taken == len(before)
 
 
+def test_without_a_limit_every_16_bit_length_is_read():
+    data = client_bytes("x" * 65535)
+    assert client_messages(data, None) == ([{"type": "websocket.receive", "text": "x" * 65535}], len(data))
+
+
 def test_an_incomplete_frame_is_left_for_the_next_read():
     """Cut anywhere, the frames whole before the cut are read and the rest is left."""
     first, second = client_bytes("one"), client_bytes("x" * 130)
