@@ -1,6 +1,7 @@
 """Ratios to the baseline, the text table, the JSON file and the PNG chart."""
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ TARGETS = {
     "w3_p99": 2.0,  # <= x raw fan-out ceiling
     "w3_uvicorn_p99": 0.5,  # the project on uvicorn: <= x the project on daphne
 }
+#: W1: the project on uvicorn at least x the project on daphne, by connection count.
+W1_UVICORN_VS_DAPHNE = {50: 2.5, 1000: 2.0}
 #: W4: RSS per idle connection of the whole `serve --workers N` group, at most (Centrifugo's published figure).
 W4_KB_PER_CONNECTION = 30.0
 
@@ -36,6 +39,9 @@ def ratios_add(rows: list[Row]) -> None:
                     "throughput": round(row["messages_per_second"] / base["messages_per_second"], 3),
                     "p99": round(row["rtt_ms"]["p99"] / base["rtt_ms"]["p99"], 3),
                 }
+                paired = paired_ratio(row, base)
+                if paired is not None:
+                    row["vs_baseline"]["throughput_paired"] = paired
                 if base.get("server_us_per_message") and row.get("server_us_per_message"):
                     row["vs_baseline"]["cpu_per_message"] = round(
                         row["server_us_per_message"] / base["server_us_per_message"], 3
@@ -53,6 +59,15 @@ def ratios_add(rows: list[Row]) -> None:
                 row["vs_baseline"] = {"p99": round(row["latency_ms"]["p99"] / base["latency_ms"]["p99"], 3)}
 
 
+def paired_ratio(row: Row, base: Row) -> float | None:
+    """The median of run-by-run throughput ratios: run i of a case against run i of its reference, made
+    in the same round minutes apart, so a machine that drifts between rounds cancels out."""
+    runs, base_runs = row.get("runs") or [], base.get("runs") or []
+    if len(runs) < 2 or len(runs) != len(base_runs) or not all(base_runs):
+        return None
+    return round(statistics.median(run / base_run for run, base_run in zip(runs, base_runs, strict=True)), 3)
+
+
 def verdicts(rows: list[Row]) -> list[str]:
     """One line per target for the project on daphne: measured ratio, bound, met or missed."""
     lines = []
@@ -63,13 +78,14 @@ def verdicts(rows: list[Row]) -> list[str]:
         return f"{name}: {value:.2f}x (target {sign} {bound}x) {'met' if met else 'MISSED'}"
 
     for row in rows:
+        if row["workload"] == "w1" and row.get("app") == "project" and "vs_baseline" in row:
+            lines += w1_verdicts(row, rows, check)
+    for row in rows:
         if row.get("app") != "project" or row.get("server") != "daphne" or "vs_baseline" not in row:
             continue
         ratio = row["vs_baseline"]
         if row["workload"] == "w1":
-            label = f"W1 {row['connections']} conns"
-            lines.append(check(f"{label} throughput", ratio["throughput"], TARGETS["w1_throughput"], True))
-            lines.append(check(f"{label} p99 RTT", ratio["p99"], TARGETS["w1_p99"], False))
+            continue
         elif row["workload"] == "w2":
             lines.append(check("W2 RSS/connection", ratio["rss_per_connection"], TARGETS["w2_rss"], False))
             lines.append(check("W2 connect rate", ratio["connect_rate"], TARGETS["w2_connect_rate"], True))
@@ -94,6 +110,27 @@ def verdicts(rows: list[Row]) -> list[str]:
     for row in rows:
         if row.get("workload") == "w6":
             lines.append(w6_delivery_verdict(row))
+    return lines
+
+
+def w1_verdicts(row: Row, rows: list[Row], check: Any) -> list[str]:
+    """Throughput against the raw app on the same server (by the paired runs where there are several),
+    p99 on daphne, and uvicorn against daphne at the sizes the targets name."""
+    ratio, server, connections = row["vs_baseline"], row["server"], row["connections"]
+    label = f"W1 {server} {connections} conns"
+    paired = ratio.get("throughput_paired")
+    if paired is None:
+        lines = [check(f"{label} throughput", ratio["throughput"], TARGETS["w1_throughput"], True)]
+    else:
+        name = f"{label} throughput (medians {ratio['throughput']:.2f}x; paired runs)"
+        lines = [check(name, paired, TARGETS["w1_throughput"], True)]
+    if server == "daphne":
+        lines.append(check(f"{label} p99 RTT", ratio["p99"], TARGETS["w1_p99"], False))
+    bound = W1_UVICORN_VS_DAPHNE.get(connections)
+    on_daphne = _find(rows, workload="w1", app="project", server="daphne", connections=connections)
+    if server == "uvicorn" and bound is not None and on_daphne and on_daphne["messages_per_second"]:
+        speedup = row["messages_per_second"] / on_daphne["messages_per_second"]
+        lines.append(check(f"W1 {connections} conns project on uvicorn vs on daphne", speedup, bound, True))
     return lines
 
 
@@ -206,6 +243,12 @@ def _ratio(row: Row, key: str) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
+def paired_mark(row: Row) -> str:
+    """After the ratio of medians: the median of the paired runs' ratios, where there are several."""
+    paired = row.get("vs_baseline", {}).get("throughput_paired")
+    return f" ({paired:.2f}x paired)" if paired is not None and row["app"] != "baseline" else ""
+
+
 def client_cpu(row: Row) -> str:
     """The client CPU cell: % of the client's cores, marked when the client limited the figure."""
     return f"{row['client_cpu_percent']:.0f}%" + (" client-bound" if row.get("client_bound") else "")
@@ -230,7 +273,7 @@ def table(rows: list[Row]) -> str:
         for r in w1:
             rtt = r["rtt_ms"]
             out.append(
-                f"| {r['server']} | {r['app']} | {r['connections']} | {r['messages_per_second']:,.0f}{cut_short_mark(r)} | {_ratio(r, 'throughput')} "
+                f"| {r['server']} | {r['app']} | {r['connections']} | {r['messages_per_second']:,.0f}{cut_short_mark(r)} | {_ratio(r, 'throughput')}{paired_mark(r)} "
                 f"| {rtt['p50']:.2f} | {rtt['p90']:.2f} | {rtt['p99']:.2f} | {_ratio(r, 'p99')} | {rtt['max']:.1f} "
                 f"| {r['errors']} | {client_cpu(r)} | {r['server_cpu_percent']:.0f}% "
                 f"| {r['server_us_per_message']:.0f} | {_ratio(r, 'cpu_per_message')} |"

@@ -165,6 +165,36 @@ def test_ratios_and_verdicts_compare_the_project_with_the_baseline_of_the_same_r
     assert [line.endswith("met") for line in report.verdicts(rows)] == [True, True]
 
 
+def w1_row(app: str, server: str, runs: list[float]) -> dict:
+    """A W1 row as median_rows makes it: the median run's figures, every run's throughput in order."""
+    rate = sorted(runs)[(len(runs) - 1) // 2]
+    rtt = {"p50": 1.0, "p90": 1.0, "p99": 2.0, "max": 2.0}
+    return {"workload": "w1", "app": app, "server": server, "connections": 50, "messages_per_second": rate,
+            "rtt_ms": rtt, "runs": runs}  # fmt: skip
+
+
+def test_w1_throughput_is_judged_by_the_median_of_the_paired_runs_ratios():
+    """A machine that slowed down between rounds: the ratio of medians says 0.85x, the pairs 1.0x."""
+    rows = [w1_row("project", "daphne", [1000.0, 500.0, 510.0]), w1_row("baseline", "daphne", [1000.0, 600.0, 510.0])]
+    report.ratios_add(rows)
+    assert rows[0]["vs_baseline"]["throughput"] == 0.85
+    assert rows[0]["vs_baseline"]["throughput_paired"] == 1.0
+    assert report.verdicts(rows)[0] == (
+        "W1 daphne 50 conns throughput (medians 0.85x; paired runs): 1.00x (target >= 0.9x) met"
+    )
+
+
+def test_w1_uvicorn_is_held_to_its_speedup_over_daphne():
+    rows = [
+        w1_row("project", "daphne", [1000.0]),
+        w1_row("baseline", "daphne", [1000.0]),
+        w1_row("project", "uvicorn", [2400.0]),
+        w1_row("baseline", "uvicorn", [2400.0]),
+    ]
+    report.ratios_add(rows)
+    assert "W1 50 conns project on uvicorn vs on daphne: 2.40x (target >= 2.5x) MISSED" in report.verdicts(rows)
+
+
 @pytest.mark.slow
 def test_a_quick_w1_run_writes_the_json_and_the_chart(tmp_path):
     code = main(
