@@ -96,8 +96,8 @@ def client_messages(data: bytes, max_size: int | None) -> tuple[list[Any], int]:
     `data`, and the bytes they took.
 
     Stops at the first frame that is anything else (a control frame, a fragment, reserved bits set,
-    unmasked, a 64-bit length, over `max_size` (None: no limit), incomplete, or text that is not UTF-8), so websockets
-    parses it and answers as it always has.
+    unmasked, a 64-bit length, over `max_size` (None: no limit), incomplete, or text that is not
+    UTF-8), so websockets parses it and answers as it always has.
     """
     messages: list[Any] = []  # websocket.receive events
     at, end = 0, len(data)

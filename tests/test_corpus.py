@@ -498,6 +498,14 @@ ROWS = [
     Row(
         "invalid UTF-8 text", raw_frames(frame_encode(opcode=OP_TEXT, payload=b"\xff\xfeping")), "close 1007 | dropped"
     ),
+    Row(
+        "invalid UTF-8 split across fragments",
+        raw_frames(
+            frame_encode(opcode=OP_TEXT, payload=b"pi\xc3", fin=False),
+            frame_encode(opcode=OP_CONTINUATION, payload=b"\x28ng"),
+        ),
+        "close 1007 | dropped",
+    ),
     # Frames in one write, and one frame across writes (uvicorn reads whole frames itself between them).
     Row(
         "ten pings in one write",
@@ -535,14 +543,6 @@ ROWS = [
             answers=2,
         ),
         "pong!, pong!, open",
-    ),
-    Row(
-        "invalid UTF-8 split across fragments",
-        raw_frames(
-            frame_encode(opcode=OP_TEXT, payload=b"pi\xc3", fin=False),
-            frame_encode(opcode=OP_CONTINUATION, payload=b"\x28ng"),
-        ),
-        "close 1007 | dropped",
     ),
     # A bad close frame: autobahn (daphne) drops TCP; websockets (uvicorn) answers with a close frame.
     *(
