@@ -280,11 +280,13 @@ def test_pingpong_js_refreshes_an_expiring_token_and_is_not_closed_at_its_exp(pa
     from pingpong import tokens
 
     settings.PINGPONG_TOKEN_SECRET = TOKEN_SECRET
-    short = tokens.issue("42", ttl=4)  # under TOKEN_WARNING_SECONDS: token_expiring comes at once
-    expires_at = tokens.verify(short).expires_at
-    later = tokens.issue("42", ttl=3600)
     node = daphne_nodes(env={**NODE_ENV, "PINGPONG_TOKEN_SECRET": TOKEN_SECRET})
     page.goto(f"{node.http}/")
+    # Issued once the node and the page are up (a slow start must not expire it first); under
+    # TOKEN_WARNING_SECONDS, so token_expiring comes at once.
+    short = tokens.issue("42", ttl=8)
+    expires_at = tokens.verify(short).expires_at
+    later = tokens.issue("42", ttl=3600)
     page.evaluate(
         """([short, later]) => {
             window.refreshed = null;
@@ -295,7 +297,7 @@ def test_pingpong_js_refreshes_an_expiring_token_and_is_not_closed_at_its_exp(pa
     )
     page.wait_for_function("window.refreshed !== null")
     assert page.evaluate("window.refreshed") > expires_at
-    page.wait_for_function("exp => Date.now() / 1000 > exp + 1", arg=expires_at, timeout=SHORT_WAIT)
+    page.wait_for_function("exp => Date.now() / 1000 > exp + 1", arg=expires_at, timeout=SHORT_WAIT + 8_000)
     assert page.evaluate("[window.client.state, window.client.lastClose]") == ["open", None]
 
 
