@@ -13,7 +13,7 @@ import logging
 import ssl
 import uuid
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from channels.layers import BaseChannelLayer, get_channel_layer
@@ -24,6 +24,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pingpong import metrics
 from pingpong.pool import PoolExhausted
+
+#: A consumer's way to take a channel-layer message without its task waking (both layers offer
+#: `direct_receiver_set(channel, receiver)`). Called only while the consumer's receive waits with
+#: nothing queued, so the channel's order holds; True means taken, False queues it as usual. It must
+#: not block and must not raise.
+DirectReceiver = Callable[[dict[str, Any]], bool]
 
 logger = logging.getLogger(__name__)
 

@@ -47,6 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from pingpong.layer_calls import DirectReceiver
 from pingpong.pool import BoundedConnectionPool, BoundedSentinelConnectionPool
 
 # The receive loop's errors go to channels-redis' logger, as the base loop's did: the project's
@@ -82,16 +83,19 @@ class _LocalQueue:
     what waits for a slow client.
     """
 
-    __slots__ = ("_layer", "_items", "_waiters")
+    __slots__ = ("_layer", "_items", "_waiters", "direct")
 
     def __init__(self, layer: "PingpongPubSubLoopLayer") -> None:
         self._layer = layer
         self._items: deque[Any] | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        self.direct: DirectReceiver | None = None
 
     def put_nowait(self, item: Any) -> None:
         if isinstance(item, bytes):
             item = self._layer.decode_shared(item)
+        if self.direct is not None and not self._items and self._waiters and self.direct(item):
+            return  # taken at once: its receiver waited with nothing queued, so the order holds
         if self._items is None:
             self._items = deque()
         self._items.append(item)
@@ -464,6 +468,14 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
         group_channel = self._get_group_channel_name(group)
         await self._publish(group_channel, self.channel_layer.serialize(message))
 
+    def direct_receiver_set(self, channel: str, receiver: DirectReceiver | None) -> bool:
+        """See `pingpong.layer_calls.DirectReceiver`: True when `channel` is this process's and takes one."""
+        queue = self.channels.get(channel)
+        if not isinstance(queue, _LocalQueue):
+            return False
+        queue.direct = receiver
+        return True
+
     async def receive(self, channel: str) -> Any:
         if "!" not in channel:
             return await super().receive(channel)
@@ -577,6 +589,10 @@ class PingpongPubSubLoopLayer(RedisPubSubLoopLayer):
 
 class PingpongPubSubChannelLayer(RedisPubSubChannelLayer):
     """RedisPubSubChannelLayer with process-local consumer channels (see the module docstring)."""
+
+    def direct_receiver_set(self, channel: str, receiver: DirectReceiver | None) -> bool:
+        """See `pingpong.layer_calls.DirectReceiver`."""
+        return self._get_layer().direct_receiver_set(channel, receiver)
 
     def _get_layer(self) -> PingpongPubSubLoopLayer:
         loop = asyncio.get_running_loop()

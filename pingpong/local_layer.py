@@ -47,6 +47,7 @@ from channels.layers import BaseChannelLayer
 
 from pingpong import metrics
 from pingpong.history import LocalHistory
+from pingpong.layer_calls import DirectReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ FULL_WARNING_INTERVAL = 10.0
 class LocalChannel:
     """One channel: queued (expires at, message) pairs, receivers waiting for one, its groups."""
 
-    __slots__ = ("capacity", "groups", "messages", "waiters")
+    __slots__ = ("capacity", "groups", "messages", "waiters", "direct")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -67,10 +68,11 @@ class LocalChannel:
         # A list, not a deque: a channel has one receiver, and an empty deque costs 600 bytes a connection.
         self.waiters: list[asyncio.Future[Message]] = []
         self.groups: set[str] = set()
+        self.direct: DirectReceiver | None = None
 
     def idle(self) -> bool:
-        """Nothing queued, nobody waiting, in no group: the layer can forget it."""
-        return not self.messages and not self.waiters and not self.groups
+        """Nothing queued, nobody waiting, in no group, no direct receiver: the layer can forget it."""
+        return not self.messages and not self.waiters and not self.groups and self.direct is None
 
 
 class LocalChannelLayer(BaseChannelLayer):
@@ -126,6 +128,18 @@ class LocalChannelLayer(BaseChannelLayer):
         if local is None:
             local = self.channels[channel] = LocalChannel(self.get_capacity(channel))
         return local
+
+    def direct_receiver_set(self, channel: str, receiver: DirectReceiver | None) -> bool:
+        """See `pingpong.layer_calls.DirectReceiver`; None forgets the channel's receiver."""
+        if receiver is not None:
+            self._channel(channel).direct = receiver
+            return True
+        local = self.channels.get(channel)
+        if local is not None:
+            local.direct = None
+            if local.idle():
+                del self.channels[channel]
+        return True
 
     async def receive(self, channel: str) -> Message:
         """The oldest unexpired message on `channel`, waiting for one; cancelled, it forgets the channel."""
@@ -214,9 +228,11 @@ class LocalChannelLayer(BaseChannelLayer):
     # Internals
 
     def _deliver(self, channel: str, message: Message, now: float) -> bool:
-        """Hand `message` to a waiting receiver or queue it; False when the channel is full."""
+        """Hand `message` to the direct receiver or a waiting one, or queue it; False when the channel is full."""
         local = self._channel(channel)
         waiters = local.waiters
+        if local.direct is not None and waiters and not local.messages and local.direct(message):
+            return True  # taken at once: its receiver waited with nothing queued, so the order holds
         while waiters:
             waiter = waiters.pop(0)
             if not waiter.done():  # a cancelled receiver's future is done at once

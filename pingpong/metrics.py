@@ -104,12 +104,16 @@ RECEIVED = {
     )
 }
 SENT = {kind: LoopCounter() for kind in ("pong", "error", "broadcast", "echo", "publication")}
+#: Layer messages a consumer handled straight from the layer, its task not woken (`pingpong.websocket`).
+DIRECT = {kind: LoopCounter() for kind in ("broadcast",)}
 HANDLER_SECONDS = LoopHistogram((0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25))
 
 RECEIVED_PING, RECEIVED_JSON_PING = RECEIVED["ping"], RECEIVED["json_ping"]
 RECEIVED_OTHER, RECEIVED_BINARY = RECEIVED["other"], RECEIVED["binary"]
 SENT_PONG, SENT_ERROR, SENT_BROADCAST, SENT_ECHO = SENT["pong"], SENT["error"], SENT["broadcast"], SENT["echo"]
 SENT_PUBLICATION = SENT["publication"]
+DIRECT_BROADCAST = DIRECT["broadcast"]
+DIRECT_DOC = "Channel-layer messages consumers handled straight from the layer, without waking their task, by kind."
 
 
 class LoopMetricsCollector(Collector):
@@ -119,6 +123,7 @@ class LoopMetricsCollector(Collector):
         for name, doc, counters in (
             ("pingpong_messages_received", "Client messages received, by kind.", RECEIVED),
             ("pingpong_messages_sent", "Messages sent to clients, by kind.", SENT),
+            ("pingpong_layer_messages_direct", DIRECT_DOC, DIRECT),
         ):
             family = CounterMetricFamily(name, doc, labels=["kind"])
             for kind, counter in counters.items():
@@ -152,6 +157,7 @@ class LoopMetricsExport:
             "pingpong_messages_received", "Client messages received, by kind.", ["kind"], registry=None
         )
         self.sent = Counter("pingpong_messages_sent", "Messages sent to clients, by kind.", ["kind"], registry=None)
+        self.direct = Counter("pingpong_layer_messages_direct", DIRECT_DOC, ["kind"], registry=None)
         self.handler = Histogram(
             "pingpong_handler_seconds",
             "Time to handle one client message, from receipt to the answer being handed to the server.",
@@ -167,7 +173,7 @@ class LoopMetricsExport:
     def flush(self) -> None:
         """Add what the loop counted since the last flush."""
         with self.lock:
-            for family, counters in ((self.received, RECEIVED), (self.sent, SENT)):
+            for family, counters in ((self.received, RECEIVED), (self.sent, SENT), (self.direct, DIRECT)):
                 for kind, counter in counters.items():
                     value = counter.value  # one read: the loop may count on meanwhile
                     if delta := value - self.exported.get(counter, 0):

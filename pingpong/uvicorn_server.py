@@ -58,7 +58,13 @@ except ImportError:  # websockets built without its C extension
 
 from pingpong import layer_calls, presence, protocol
 from pingpong.node import node
-from pingpong.serving import LISTEN_BACKLOG, SLOW_CONSUMER_CLOSE_SECONDS, frame_limit, slow_consumer_report
+from pingpong.serving import (
+    LISTEN_BACKLOG,
+    SEND_NOWAIT,
+    SLOW_CONSUMER_CLOSE_SECONDS,
+    frame_limit,
+    slow_consumer_report,
+)
 
 logger = logging.getLogger("pingpong.server")
 
@@ -174,6 +180,18 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
         if not self.read_paused and self.queue.qsize() >= RECEIVE_QUEUE_MAX:
             self.read_paused = True
             self.transport.pause_reading()
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # none for a refused handshake
+        if scope is not None:  # read by the application task, which has not run yet
+            scope["extensions"][SEND_NOWAIT] = self.send_nowait
+
+    def send_nowait(self, message: Any) -> None:
+        """`websocket.send` as a plain call (the `pingpong.send_nowait` extension): what `send` does, never waiting."""
+        if self.disconnected or self.close_sent or self.transport.is_closing():
+            return
+        self.frame_send(message)
 
     def pause_writing(self) -> None:
         # No back-pressure on the application: the pending-bytes cap bounds the buffer instead. A

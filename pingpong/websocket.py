@@ -17,6 +17,12 @@ Deliberate differences, each tested:
 - no `close_old_connections` per message: a handler that uses the database wraps its queries in
   `database_sync_to_async`, which closes stale connections itself;
 - `send` and `close` after the connection closed do nothing, instead of reaching the server.
+
+Layer messages whose handler needs no `await` (`direct_handlers`, e.g. a broadcast: check, then
+send) are taken straight from the layer while the layer task waits with nothing queued, when the
+server offers `send_nowait` (`pingpong.serving.SEND_NOWAIT`, both of ours do) and the layer takes a
+direct receiver (`pingpong.layer_calls.DirectReceiver`, both of ours do): a broadcast to every
+connection of a node then costs no task wake-up per connection.
 """
 
 import asyncio
@@ -29,6 +35,8 @@ from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
+
+from pingpong.serving import SEND_NOWAIT
 
 logger = logging.getLogger("pingpong.connections")
 
@@ -46,6 +54,10 @@ class State(enum.IntEnum):
 
 class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     """`AsyncWebsocketConsumer` with one read loop and one layer task instead of a task per message."""
+
+    #: Layer message types taken without waking the layer task: type -> a method that handles one
+    #: synchronously with `self.send_nowait` (see the module docstring).
+    direct_handlers: dict[str, str] = {}
 
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:  # type: ignore[override]
         self.scope = scope
@@ -119,6 +131,8 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        if hasattr(self, "send_nowait"):
+            self.channel_layer.direct_receiver_set(self.channel_name, None)  # type: ignore[union-attr]
         if self.groups and self.channel_layer is not None and hasattr(self, "channel_name"):
             for group in self.groups:
                 await self.group_leave(group)
@@ -133,6 +147,27 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         await super().accept(subprotocol=subprotocol, headers=headers)
         if self.state is State.CONNECTING:
             self.state = State.OPEN
+            self.direct_open()
+
+    def direct_open(self) -> None:
+        """Take `direct_handlers`' messages straight from the layer, where the server and layer allow it."""
+        send_nowait = self.scope.get("extensions", {}).get(SEND_NOWAIT)
+        set_receiver = getattr(self.channel_layer, "direct_receiver_set", None)
+        if self.direct_handlers and send_nowait and set_receiver and hasattr(self, "channel_name"):
+            self.send_nowait = send_nowait
+            set_receiver(self.channel_name, self.layer_message_now)
+
+    def layer_message_now(self, message: Message) -> bool:
+        """The direct receiver: True when the message was handled (or dropped, the connection closing) here."""
+        name = self.direct_handlers.get(message.get("type"))  # type: ignore[arg-type]
+        if name is None:
+            return False
+        if self.state < State.CLOSING:
+            try:
+                getattr(self, name)(message)
+            except Exception:
+                logger.exception("handler for %r failed; the connection stays open", message.get("type"))
+        return True
 
     async def send(  # type: ignore[override]
         self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool | int = False

@@ -9,9 +9,10 @@ import pytest
 import redis
 from websockets.asyncio.client import ClientConnection
 
-from pingpong import broadcast, protocol
+from pingpong import broadcast, metrics, protocol
 from pingpong.broadcast import BroadcastInvalid, SeenBroadcasts
-from tests.communicators import connected
+from pingpong.serving import SEND_NOWAIT
+from tests.communicators import ask, communicator, connected
 from tests.processes import LOOPBACK, SERVERS, DaphneNode, RedisServer, http_request, manage, wait_until
 from tests.wsclient import broadcasts_on_each, next_event, ping_pong, ws_connect
 
@@ -129,6 +130,26 @@ async def test_distinct_ids_are_all_delivered_in_order():
     for ws in clients:
         assert [json.loads(await ws.receive_from())["id"] for _ in ids] == ids
         assert await ws.receive_nothing(timeout=0.1)
+        await ws.disconnect()
+
+
+async def test_with_the_servers_send_nowait_a_broadcast_is_sent_from_the_layer_without_the_consumers_task():
+    """Given `pingpong.send_nowait` in the scope (both servers add it), the consumer takes broadcasts
+    straight from the layer: the frame goes through send_nowait, once, and a retry is still dropped."""
+    sent: list[dict[str, Any]] = []
+    ws = communicator("/ws/")
+    ws.scope["extensions"] = {SEND_NOWAIT: sent.append}
+    assert (await ws.connect())[0]
+    try:
+        before = metrics.DIRECT_BROADCAST.value
+        broadcast_id = f"direct-{uuid.uuid4().hex}"
+        first = await broadcast.send(text="straight", broadcast_id=broadcast_id)
+        await broadcast.send(text="straight", broadcast_id=broadcast_id)  # a retry
+        assert [json.loads(message["text"]) for message in sent] == [first]
+        assert metrics.DIRECT_BROADCAST.value - before == 2
+        assert await ws.receive_nothing(timeout=0.1)  # nothing went through the consumer's async send
+        assert (await ask(ws, type="ping", id=1))["type"] == "pong"  # the client side works as before
+    finally:
         await ws.disconnect()
 
 
@@ -279,6 +300,8 @@ async def test_a_retry_of_a_broadcast_that_did_arrive_is_dropped_by_every_node(r
             assert [event["id"] for event in events] == ["held-1"]
         assert await asyncio.to_thread(post_broadcast, sender, body) == (202, {"status": "accepted", "id": "held-1"})
         assert await broadcasts_on_each(clients, seconds=1.5) == [[]] * len(clients)
+        for node in (sender, other):  # 3 broadcasts x 2 clients, each copy taken straight from the layer
+            assert node.metric("pingpong_layer_messages_direct_total", 'kind="broadcast"') == 6
     finally:  # closed on a failure too: a socket left to the garbage collector fails a later test
         await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
         await proxy.close()

@@ -444,3 +444,34 @@ async def test_a_cancelled_receiver_leaves_no_waiter_behind():
     assert queue._waiters == []
     queue.put_nowait({"n": 1})
     assert await queue.get() == {"n": 1}
+
+
+async def test_a_direct_receiver_takes_a_message_while_its_receiver_waits_with_nothing_queued():
+    queue = _LocalQueue(NoDecoding())  # type: ignore[arg-type]
+    taken: list[Any] = []
+    queue.direct = lambda message: taken.append(message) or True
+    queue.put_nowait({"n": 0})  # no receiver waits: queued
+    receiver = asyncio.ensure_future(queue.get())
+    assert await receiver == {"n": 0}
+    receiver = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait(b'{"n": 1}')  # waiting, nothing queued: taken, decoded
+    assert taken == [{"n": 1}] and not receiver.done()
+    queue.direct = lambda message: False  # declined: queued for the waiting receiver
+    queue.put_nowait({"n": 2})
+    assert await receiver == {"n": 2}
+
+
+async def test_a_direct_receiver_is_not_offered_a_message_behind_queued_ones():
+    """Order holds: while a message waits to be taken, the next ones queue behind it."""
+    queue = _LocalQueue(NoDecoding())  # type: ignore[arg-type]
+    taken: list[Any] = []
+    queue.direct = lambda message: taken.append(message) or True
+    receiver = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.direct = lambda message: False
+    queue.put_nowait({"n": 1})  # declined: queued, the receiver woken but not run yet
+    queue.direct = lambda message: taken.append(message) or True
+    queue.put_nowait({"n": 2})
+    assert taken == []
+    assert [await receiver, await queue.get()] == [{"n": 1}, {"n": 2}]

@@ -353,3 +353,43 @@ async def test_ours_channel_capacity_patterns_set_a_channels_capacity():
         await layer.send("small.one", {"type": "test.message"})
     for _ in range(5):
         await layer.send("large.one", {"type": "test.message"})
+
+
+async def test_ours_a_direct_receiver_takes_a_group_message_while_its_receiver_waits_with_nothing_queued():
+    layer = LocalChannelLayer()
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    taken: list[Any] = []
+    assert layer.direct_receiver_set(channel, lambda message: taken.append(message) or True)
+    await layer.group_send("room", {"type": "queued"})  # no receiver waits: queued
+    assert await receive_within(layer, channel) == {"type": "queued"}
+    receiver = asyncio.ensure_future(layer.receive(channel))
+    await asyncio.sleep(0)
+    await layer.group_send("room", {"type": "direct"})
+    assert taken == [{"type": "direct"}] and not receiver.done()
+    layer.direct_receiver_set(channel, lambda message: False)  # declined: to the waiting receiver
+    await layer.group_send("room", {"type": "declined"})
+    assert await asyncio.wait_for(receiver, 1) == {"type": "declined"}
+
+
+async def test_ours_a_direct_receiver_is_not_offered_a_message_behind_queued_ones():
+    layer = LocalChannelLayer()
+    channel = await layer.new_channel()
+    taken: list[Any] = []
+    layer.direct_receiver_set(channel, lambda message: taken.append(message) or True)
+    await layer.send(channel, {"type": "first"})
+    await layer.send(channel, {"type": "second"})
+    assert taken == []
+    assert [await receive_within(layer, channel), await receive_within(layer, channel)] == [
+        {"type": "first"},
+        {"type": "second"},
+    ]
+
+
+async def test_ours_a_channel_whose_direct_receiver_is_removed_is_forgotten():
+    layer = LocalChannelLayer()
+    channel = await layer.new_channel()
+    layer.direct_receiver_set(channel, lambda message: True)
+    assert channel in layer.channels
+    layer.direct_receiver_set(channel, None)
+    assert channel not in layer.channels
