@@ -3,11 +3,12 @@
 Stock daphne on SIGTERM cancels every application at once, so clients see 1006 and
 no close frame. `PingpongServer` first drains: /readyz turns 503, every websocket is
 closed with 4012 and gets up to PINGPONG_DRAIN_SECONDS to finish its disconnect
-(group memberships are cleaned), then daphne's own shutdown runs.
+(group memberships are cleaned), then daphne's own shutdown runs. Unlike uvicorn's, a websocket's
+scope here has no `pingpong.send_nowait`: daphne's own tests, which run against this server, allow no
+scope key daphne does not set. Broadcasts go through each consumer's task.
 """
 
 import asyncio
-import functools
 import logging
 import socket
 from typing import Any
@@ -24,7 +25,6 @@ from pingpong import layer_calls, presence, protocol
 from pingpong.node import node
 from pingpong.serving import (
     LISTEN_BACKLOG,
-    SEND_NOWAIT,
     SLOW_CONSUMER_CLOSE_SECONDS,  # autobahn's own close timeout is 1 s
     frame_limit,
     slow_consumer_report,
@@ -130,19 +130,6 @@ class PingpongServer(Server):
         bound = port.getHost() if hasattr(port, "getHost") else None
         if bound is not None and hasattr(bound, "port"):
             logger.info("listening on http://%s:%s", bound.host, bound.port)
-
-    def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:
-        if scope.get("type") == "websocket":
-            scope.setdefault("extensions", {})[SEND_NOWAIT] = functools.partial(self.send_nowait, protocol)
-        return super().create_application(protocol, scope)
-
-    def send_nowait(self, protocol: Any, message: dict[str, Any]) -> None:
-        """`websocket.send` as a plain call (the `pingpong.send_nowait` extension): daphne's `handle_reply`
-        without the coroutine."""
-        connection = self.connections.get(protocol)
-        if connection is None or connection.get("disconnected"):
-            return
-        protocol.handle_reply(message)
 
     def kill_all_applications(self) -> defer.Deferred:
         drained = defer.Deferred.fromFuture(

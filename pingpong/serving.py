@@ -24,7 +24,7 @@ SLOW_CONSUMER_CLOSE_SECONDS: Final = 5.0
 # drops SYNs and clients wait a 1 s retransmit or more. The kernel caps this at net.core.somaxconn.
 LISTEN_BACKLOG: Final = 1024
 
-#: The ASGI scope extension both servers add to a websocket's scope: `send_nowait(message)`, the
+#: The ASGI scope extension uvicorn's protocol adds to a websocket's scope: `send_nowait(message)`, the
 #: `websocket.send` of an accepted connection as a plain call, for a consumer that delivers a channel
 #: layer message without waking its task (`pingpong.websocket`).
 SEND_NOWAIT: Final = "pingpong.send_nowait"

@@ -27,6 +27,8 @@ and what this module does about it:
 - uvicorn stops reading after every client message and starts again when the application takes it:
   two epoll changes per message (about 5% of a `ping`'s CPU). Here reading stops when
   RECEIVE_QUEUE_MAX messages wait, which a client that waits for its answers never reaches.
+- A websocket's scope carries `pingpong.send_nowait` (`pingpong.serving.SEND_NOWAIT`), `send` as a
+  plain call, so a consumer can deliver a broadcast from the channel layer without waking its task.
 - Proxy headers: uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; here that is off and
   PINGPONG_PROXY_HEADER alone names the client (`ProxyHeaderMiddleware`).
 

@@ -20,7 +20,7 @@ Deliberate differences, each tested:
 
 Layer messages whose handler needs no `await` (`direct_handlers`, e.g. a broadcast: check, then
 send) are taken straight from the layer while the layer task waits with nothing queued, when the
-server offers `send_nowait` (`pingpong.serving.SEND_NOWAIT`, both of ours do) and the layer takes a
+server offers `send_nowait` (`pingpong.serving.SEND_NOWAIT`: pingpong's uvicorn does) and the layer takes a
 direct receiver (`pingpong.layer_calls.DirectReceiver`, both of ours do): a broadcast to every
 connection of a node then costs no task wake-up per connection.
 """

@@ -134,7 +134,7 @@ async def test_distinct_ids_are_all_delivered_in_order():
 
 
 async def test_with_the_servers_send_nowait_a_broadcast_is_sent_from_the_layer_without_the_consumers_task():
-    """Given `pingpong.send_nowait` in the scope (both servers add it), the consumer takes broadcasts
+    """Given `pingpong.send_nowait` in the scope (uvicorn adds it), the consumer takes broadcasts
     straight from the layer: the frame goes through send_nowait, once, and a retry is still dropped."""
     sent: list[dict[str, Any]] = []
     ws = communicator("/ws/")
@@ -300,8 +300,9 @@ async def test_a_retry_of_a_broadcast_that_did_arrive_is_dropped_by_every_node(r
             assert [event["id"] for event in events] == ["held-1"]
         assert await asyncio.to_thread(post_broadcast, sender, body) == (202, {"status": "accepted", "id": "held-1"})
         assert await broadcasts_on_each(clients, seconds=1.5) == [[]] * len(clients)
-        for node in (sender, other):  # 3 broadcasts x 2 clients, each copy taken straight from the layer
-            assert node.metric("pingpong_layer_messages_direct_total", 'kind="broadcast"') == 6
+        for node in (sender, other):  # on uvicorn, 3 broadcasts x 2 clients, each taken straight from the layer
+            direct = node.metric("pingpong_layer_messages_direct_total", 'kind="broadcast"')
+            assert direct == (6 if node.server == "uvicorn" else 0)
     finally:  # closed on a failure too: a socket left to the garbage collector fails a later test
         await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
         await proxy.close()
