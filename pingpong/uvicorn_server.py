@@ -190,9 +190,10 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
             scope["extensions"][SEND_NOWAIT] = self.send_nowait
 
     def send_nowait(self, message: Any) -> None:
-        """`websocket.send` as a plain call (the `pingpong.send_nowait` extension): what `send` does, never waiting."""
+        """`websocket.send` after the handshake, as a plain call: `send` uses it, and so may an
+        application through the `pingpong.send_nowait` extension."""
         if self.disconnected or self.close_sent or self.transport.is_closing():
-            return
+            return  # gone or closing: nothing more can reach the client (uvicorn would raise)
         self.frame_send(message)
 
     def pause_writing(self) -> None:
@@ -205,11 +206,11 @@ class PingpongWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.disconnected:
             return  # the client is gone; uvicorn would raise ClientDisconnected into the consumer
         if self.handshake_complete and self.initial_response is None and kind in ("websocket.send", "websocket.close"):
+            if kind == "websocket.send":
+                self.send_nowait(message)
+                return
             if self.close_sent or self.transport.is_closing():
                 return  # closing: nothing more can reach the client (uvicorn raises RuntimeError)
-            if kind == "websocket.send":
-                self.frame_send(message)
-                return
         await super().send(message)
         if kind == "websocket.close" and self.close_timer is not None:
             self.abort_later(self.close_timeout)
